@@ -1,0 +1,82 @@
+// Input checks shared by the CPU and CUDA kernels of every op: a wrong call raises a
+// clear error that names the argument (TORCH_CHECK -> RuntimeError in Python), never a
+// crash inside a kernel.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace resattn {
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "resattn_fast: ", name, " must be float32, float64, float16 or bfloat16, got ",
+              dt);
+}
+
+inline void check_4d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "resattn_fast: ", name, " must be a 4-D (N, C, H, W) tensor, got ",
+              t.dim(), "-D with shape ", t.sizes());
+}
+
+inline void check_same(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                       const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), "resattn_fast: ", a_name, " and ", b_name,
+              " must be on the same device, got ", a.device(), " and ", b.device());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "resattn_fast: ", a_name, " and ", b_name,
+              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+}
+
+// upsample_bilinear_add(x, skip?, size, align_corners): x (N, C, h, w) -> (N, C, H, W).
+inline void check_upsample_args(const at::Tensor& x, const std::optional<at::Tensor>& skip,
+                                at::IntArrayRef size) {
+  check_4d(x, "x");
+  check_floating(x, "x");
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "resattn_fast: x must have a non-empty spatial size, got ",
+              x.sizes());
+  TORCH_CHECK(size.size() == 2, "resattn_fast: size must have two entries (H, W), got ", size);
+  TORCH_CHECK(size[0] >= 1 && size[1] >= 1, "resattn_fast: size must be >= 1 in each dimension, got ",
+              size);
+  if (skip.has_value()) {
+    const at::Tensor& s = *skip;
+    check_4d(s, "skip");
+    check_same(x, "x", s, "skip");
+    TORCH_CHECK(s.size(0) == x.size(0) && s.size(1) == x.size(1),
+                "resattn_fast: skip must have the same batch and channel sizes as x, got x ",
+                x.sizes(), " and skip ", s.sizes());
+    TORCH_CHECK(s.size(2) == size[0] && s.size(3) == size[1], "resattn_fast: size ", size,
+                " does not match skip's spatial size ", s.sizes());
+  }
+}
+
+// upsample_bilinear_add_backward(grad, input_size, align_corners): grad (N, C, H, W).
+inline void check_upsample_backward_args(const at::Tensor& grad, at::IntArrayRef input_size) {
+  check_4d(grad, "grad");
+  check_floating(grad, "grad");
+  TORCH_CHECK(input_size.size() == 2, "resattn_fast: input_size must have two entries (h, w), got ",
+              input_size);
+  TORCH_CHECK(input_size[0] >= 1 && input_size[1] >= 1,
+              "resattn_fast: input_size must be >= 1 in each dimension, got ", input_size);
+  TORCH_CHECK(grad.size(2) >= 1 && grad.size(3) >= 1,
+              "resattn_fast: grad must have a non-empty spatial size, got ", grad.sizes());
+}
+
+// attention_residual(mask_logits, trunk): two tensors of one shape.
+inline void check_attention_args(const at::Tensor& mask_logits, const at::Tensor& trunk) {
+  check_floating(mask_logits, "mask_logits");
+  check_same(mask_logits, "mask_logits", trunk, "trunk");
+  TORCH_CHECK(mask_logits.sizes() == trunk.sizes(),
+              "resattn_fast: mask_logits and trunk must have the same shape, got ",
+              mask_logits.sizes(), " and ", trunk.sizes());
+}
+
+// The memory format a 4-D result should take to follow `t` (channels_last stays
+// channels_last; anything else becomes contiguous NCHW).
+inline at::MemoryFormat follow_format(const at::Tensor& t) {
+  if (t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+}  // namespace resattn

@@ -1,0 +1,154 @@
+"""The fused soft-mask ops: one public function per op, any backend.
+
+``upsample_bilinear_add`` and ``attention_residual`` take ``backend=`` (``"reference"``,
+``"cpu"``, ``"cuda"``, ``"triton"`` or None for the fastest available; the environment
+variable RESATTN_BACKEND overrides None). Compiled backends run registered custom ops
+(``torch.ops.resattn_fast.<op>`` for C++/CUDA, ``torch.ops.resattn_fast.<op>_triton`` for
+Triton) with fake kernels and autograd, so ``torch.compile(fullgraph=True)`` traces them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Sequence
+
+import torch
+
+from .. import _ext
+from ..reference import ops as _ref
+from . import _registry
+from ._backends import BACKENDS, BackendUnavailableError, available_backends, resolve_backend
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "attention_residual",
+    "available_backends",
+    "resolve_backend",
+    "upsample_bilinear_add",
+]
+
+if _ext.C is not None:
+    _registry.register_compiled_ops()
+
+_FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_ops() -> object:
+    from . import triton as triton_ops  # imports Triton: only when the backend is used
+
+    return triton_ops
+
+
+def _check_tensor(t: object, name: str, ndim: Optional[int] = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"resattn_fast: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATING:
+        raise TypeError(f"resattn_fast: {name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"resattn_fast: {name} must be a {ndim}-D (N, C, H, W) tensor, "
+                         f"got {t.dim()}-D with shape {tuple(t.shape)}")
+    return t
+
+
+def _check_pair(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
+    if a.device != b.device:
+        raise ValueError(f"resattn_fast: {a_name} and {b_name} must be on the same device, "
+                         f"got {a.device} and {b.device}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"resattn_fast: {a_name} and {b_name} must have the same dtype, "
+                        f"got {a.dtype} and {b.dtype}")
+
+
+def _upsample_size(x: torch.Tensor, skip: Optional[torch.Tensor],
+                   size: Optional[Sequence[int]]) -> List[int]:
+    _check_tensor(x, "x", 4)
+    if x.shape[-2] < 1 or x.shape[-1] < 1:
+        raise ValueError(f"resattn_fast: x must have a non-empty spatial size, got {tuple(x.shape)}")
+    if skip is not None:
+        _check_tensor(skip, "skip", 4)
+        _check_pair(x, "x", skip, "skip")
+        if skip.shape[:2] != x.shape[:2]:
+            raise ValueError("resattn_fast: skip must have the same batch and channel sizes as x, "
+                             f"got x {tuple(x.shape)} and skip {tuple(skip.shape)}")
+    if size is None:
+        if skip is None:
+            raise ValueError("resattn_fast: give size=(H, W) when skip is None")
+        return [int(skip.shape[-2]), int(skip.shape[-1])]
+    try:
+        out = [int(s) for s in size]
+    except TypeError:
+        raise TypeError(f"resattn_fast: size must be a pair of ints (H, W), got {size!r}") from None
+    if len(out) != 2 or min(out) < 1:
+        raise ValueError(f"resattn_fast: size must be two ints >= 1 (H, W), got {tuple(out)}")
+    if skip is not None and out != [int(skip.shape[-2]), int(skip.shape[-1])]:
+        raise ValueError(f"resattn_fast: size {tuple(out)} does not match skip's spatial size "
+                         f"{tuple(skip.shape[-2:])}")
+    return out
+
+
+def upsample_bilinear_add(
+    x: torch.Tensor,
+    skip: Optional[torch.Tensor],
+    *,
+    size: Optional[Sequence[int]] = None,
+    align_corners: bool = True,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Bilinear upsample of ``x`` to skip's size, plus ``skip``, in one pass.
+
+    Same values as ``F.interpolate(x, size=(H, W), mode="bilinear",
+    align_corners=align_corners) + skip`` (PyTorch's index and weight formula, up- or
+    down-sampling, any sizes >= 1).
+
+    Args:
+        x: (N, C, h, w), float32/float64/float16/bfloat16, any strides.
+        skip: (N, C, H, W), x's dtype and device, or None for a plain upsample to ``size``.
+        size: (H, W); defaults to skip's spatial size, required when skip is None.
+        align_corners: True is Caffe's Interp layer (the paper's mask branch).
+        backend: "reference", "cpu", "cuda", "triton" or None (fastest available).
+
+    Returns:
+        (N, C, H, W) in x's dtype, laid out like ``skip`` (NCHW or channels_last; like x
+        when skip is None). Backward keeps no tensor: grad_skip = grad and grad_x is the
+        adjoint interpolation computed as a gather (deterministic).
+    """
+    hw = _upsample_size(x, skip, size)
+    chosen = resolve_backend(backend, x.device)
+    if chosen == "reference":
+        return _ref.upsample_bilinear_add(x, skip, size=hw, align_corners=align_corners)
+    if chosen == "triton":
+        return _triton_ops().upsample_bilinear_add(x, skip, hw, bool(align_corners))
+    return torch.ops.resattn_fast.upsample_bilinear_add(x, skip, hw, bool(align_corners))
+
+
+def attention_residual(
+    mask_logits: torch.Tensor,
+    trunk: torch.Tensor,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Attention residual learning ``(1 + sigmoid(mask_logits)) * trunk`` in one pass.
+
+    Args:
+        mask_logits: soft-mask logits (usually (N, C, H, W)); float32/float64/float16/bfloat16.
+        trunk: the trunk branch output F(x): same shape, dtype and device.
+        backend: "reference", "cpu", "cuda", "triton" or None (fastest available).
+
+    Returns:
+        Tensor of trunk's shape, dtype and memory format. Backward keeps only the two
+        inputs: with s = sigmoid(m), grad_trunk = g * (1 + s), grad_m = g * trunk * s * (1 - s).
+    """
+    _check_tensor(mask_logits, "mask_logits")
+    _check_tensor(trunk, "trunk")
+    _check_pair(mask_logits, "mask_logits", trunk, "trunk")
+    if mask_logits.shape != trunk.shape:
+        raise ValueError("resattn_fast: mask_logits and trunk must have the same shape, got "
+                         f"{tuple(mask_logits.shape)} and {tuple(trunk.shape)}")
+    chosen = resolve_backend(backend, trunk.device)
+    if chosen == "reference":
+        return _ref.attention_residual(mask_logits, trunk)
+    if chosen == "triton":
+        return _triton_ops().attention_residual(mask_logits, trunk)
+    return torch.ops.resattn_fast.attention_residual(mask_logits, trunk)

@@ -1,0 +1,1 @@
+"""Training: data, loop, checkpoints, distributed (the `resattn train` command)."""

@@ -1,0 +1,132 @@
+"""Builds resattn_fast._C: the op schemas, the CPU kernels and (when allowed) the CUDA kernels.
+
+Environment:
+  RESATTN_BUILD_CUDA=auto|0|1  auto (default): compile kernels/*.cu when nvcc is found, with
+                               or without a GPU; 1: fail if they cannot be compiled; 0: CPU only.
+  RESATTN_BUILD_EXT=0          skip the extension entirely (pure-Python install; the package
+                               then runs on the reference backend).
+  TORCH_CUDA_ARCH_LIST         CUDA architectures; default: the visible GPUs', else 8.0;9.0.
+  MAX_JOBS                     parallel compile jobs (ninja).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
+
+
+def _find_nvcc() -> str | None:
+    """nvcc's real toolkit root, set as CUDA_HOME before torch reads it.
+
+    torch guesses CUDA_HOME from `which nvcc`; a wrapper script at /usr/local/bin/nvcc
+    makes that /usr/local, and the link then fails on -lcudart. Resolve the real toolkit.
+    """
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    for candidate in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = candidate
+            return candidate
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.exists(os.path.join(home, "lib64")) or os.path.exists(os.path.join(home, "lib")):
+            os.environ["CUDA_HOME"] = home
+            return home
+    return None
+
+
+def _build_cuda(cuda_home: str | None) -> bool:
+    flag = os.environ.get("RESATTN_BUILD_CUDA", "auto").strip().lower()
+    if flag in FALSE:
+        return False
+    if flag not in TRUE and flag != "auto":
+        sys.exit(f"RESATTN_BUILD_CUDA must be auto, 0 or 1, got {flag!r}")
+    import torch
+
+    if torch.version.cuda is None:
+        if flag in TRUE:
+            sys.exit("RESATTN_BUILD_CUDA=1 but this torch is a CPU-only build "
+                     f"({torch.__version__}); install a CUDA build of torch.")
+        return False
+    if cuda_home is None:
+        if flag in TRUE:
+            sys.exit("RESATTN_BUILD_CUDA=1 but nvcc was not found: set CUDA_HOME to the CUDA "
+                     "toolkit (e.g. /usr/local/cuda) or add nvcc to PATH.")
+        return False
+    return True
+
+
+def _extensions():
+    if os.environ.get("RESATTN_BUILD_EXT", "1").strip().lower() in FALSE:
+        return [], {}
+    cuda_home = _find_nvcc()
+    with_cuda = _build_cuda(cuda_home)
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3"]
+    nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+    define_macros = []
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")]
+    if sys.platform.startswith("linux"):
+        cxx.append("-fopenmp")  # at::parallel_for uses the OpenMP backend of torch's build
+    if with_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        sources += sorted(glob.glob("kernels/*.cu"))
+        define_macros += [
+            ("RESATTN_WITH_CUDA", None),
+            ("RESATTN_CUDA_ARCHS", f'"{_arch_list()}"'),
+            ("RESATTN_CUDA_VERSION", f'"{torch.version.cuda}"'),
+        ]
+        ext = CUDAExtension(
+            "resattn_fast._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+        )
+    else:
+        ext = CppExtension(
+            "resattn_fast._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+        )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None
+                                                            or _has_ninja_module())}
+
+
+def _arch_list() -> str:
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"].replace(" ", ";")
+    import torch
+
+    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return ";".join(f"{a}.{b}" for a, b in sorted(caps))
+
+
+def _has_ninja_module() -> bool:
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

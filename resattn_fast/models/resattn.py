@@ -201,14 +201,17 @@ class _BNOnce(tnn.Module):
         if self.calls == 1:
             return self.block(x)
         bns = [m for m in self.block.modules() if isinstance(m, tnn.modules.batchnorm._BatchNorm)]
-        saved = [m.momentum for m in bns]
+        saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone())
+                 for m in bns]
         try:
             for m in bns:
-                m.momentum = 0.0
+                m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged
             return self.block(x)
         finally:
-            for m, mom in zip(bns, saved):
-                m.momentum = mom
+            for m, (momentum, tracked) in zip(bns, saved):
+                m.momentum = momentum
+                if tracked is not None:
+                    m.num_batches_tracked.copy_(tracked)
 
 
 def config_dict(config: NetConfig) -> Dict[str, Any]:

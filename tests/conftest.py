@@ -1,0 +1,53 @@
+"""Test configuration.
+
+Triton kernels run on the CPU under TRITON_INTERPRET=1, which must be set before Triton is
+first imported: it is set here, before any test module imports resattn_fast, when no GPU
+is visible (on a GPU machine the real compiler runs them).
+
+RESATTN_REQUIRE_BACKENDS=cpu,triton (set by .ci/run) turns "backend not available" from a
+skip into a failure, so CI cannot pass with a kernel silently missing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from resattn_fast.ops import available_backends  # noqa: E402
+
+REQUIRED = {b.strip() for b in os.environ.get("RESATTN_REQUIRE_BACKENDS", "").split(",") if b.strip()}
+
+# The fused backends that run on CPU tensors here (reference excluded: it is the truth).
+CPU_FUSED = ("cpu", "triton")
+
+
+def require_backend(backend: str, device: str = "cpu") -> None:
+    """Skip (or fail, when CI requires it) if ``backend`` cannot run on ``device``."""
+    if backend in available_backends(device):
+        return
+    from resattn_fast.ops._backends import _why_not
+
+    why = _why_not(backend, torch.device(device).type)
+    if backend in REQUIRED:
+        pytest.fail(f"backend {backend!r} is required (RESATTN_REQUIRE_BACKENDS) but unavailable: {why}")
+    pytest.skip(f"backend {backend!r} unavailable: {why}")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,140 @@
+"""AttentionModule structure, and fast vs reference parity of modules and whole models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import CPU_FUSED, require_backend
+
+import resattn_fast
+from resattn_fast import nn as fast_nn
+from resattn_fast.reference import AttentionModule as RefAttention
+from resattn_fast.reference.modules import mask_sizes
+
+
+@pytest.mark.parametrize("stage,channels,size,depth", [(1, 256, 56, 3), (2, 512, 28, 2), (3, 1024, 14, 1)])
+def test_lowest_mask_is_7x7_at_224(stage, channels, size, depth):
+    """PAPER.md: the soft mask of every ImageNet stage bottoms out at 7x7 for 224 input."""
+    assert mask_sizes((size, size), depth)[-1] == (7, 7)
+    model = resattn_fast.create_model("attention56", impl="reference").eval()
+    module = model.stages[stage - 1][1]
+    assert isinstance(module, RefAttention) and module.channels == channels and module.mask_depth == depth
+    seen = []
+    module.down[-1].register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[-2:])))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 224, 224))
+    assert seen == [(7, 7)]
+
+
+def test_module_structure_counts():
+    m = RefAttention(64, 3, p=2, t=4, r=3)
+    assert len(m.pre) == 2 and len(m.post) == 2 and len(m.trunk) == 4
+    assert [len(d) for d in m.down] == [3, 3, 6]  # r per level, 2r at the lowest
+    assert len(m.skips) == 2 and [len(u) for u in m.up] == [3, 3]
+
+
+def test_state_dict_keys_identical():
+    ref = RefAttention(32, 2)
+    fast = fast_nn.AttentionModule(32, 2, backend="reference")
+    assert list(ref.state_dict()) == list(fast.state_dict())
+    fast.load_state_dict(ref.state_dict())
+
+
+def _grads(module, x):
+    x = x.clone().requires_grad_(True)
+    out = module(x)
+    out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(1)))
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_module_parity(backend, train, channels_last):
+    require_backend(backend)
+    ref = RefAttention(16, 2).train(train)
+    fast = fast_nn.AttentionModule(16, 2, backend=backend).train(train)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 16, 13, 11)  # odd sizes: 13x11 -> 7x6 -> 4x3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    o_ref, gx_ref, gp_ref = _grads(ref, x)
+    o_fast, gx_fast, gp_fast = _grads(fast, x)
+    torch.testing.assert_close(o_fast, o_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gx_fast, gx_ref, atol=1e-4, rtol=1e-4)
+    for n in gp_ref:
+        torch.testing.assert_close(gp_fast[n], gp_ref[n], atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    if train:  # the running statistics moved identically
+        for (n, b_ref), b_fast in zip(ref.named_buffers(), fast.buffers()):
+            torch.testing.assert_close(b_fast, b_ref, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("train", [True, False])
+def test_model_parity_attention56_cifar(backend, train):
+    require_backend(backend)
+    ref = resattn_fast.create_model("attention56_cifar", impl="reference").train(train)
+    fast = resattn_fast.create_model("attention56_cifar", impl="fast", backend=backend).train(train)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    o_ref, gx_ref, gp_ref = _grads(ref, x)
+    o_fast, gx_fast, gp_fast = _grads(fast, x)
+    torch.testing.assert_close(o_fast, o_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gx_fast, gx_ref, atol=1e-4, rtol=1e-4)
+    for n in gp_ref:
+        torch.testing.assert_close(gp_fast[n], gp_ref[n], atol=2e-4, rtol=2e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_fast_module_calls_fused_ops(monkeypatch, backend):
+    """The fast module's mask branch runs the fused ops, not F.interpolate or torch.sigmoid."""
+    import torch.nn.functional as F
+
+    require_backend(backend)
+    calls = {"up": 0, "attn": 0}
+    real_up, real_attn = resattn_fast.ops.upsample_bilinear_add, resattn_fast.ops.attention_residual
+
+    def up(*a, **k):
+        calls["up"] += 1
+        return real_up(*a, **k)
+
+    def attn(*a, **k):
+        calls["attn"] += 1
+        return real_attn(*a, **k)
+
+    def forbidden(*a, **k):
+        raise AssertionError("the fast mask branch called a PyTorch op it should fuse")
+
+    monkeypatch.setattr(resattn_fast.ops, "upsample_bilinear_add", up)
+    monkeypatch.setattr(resattn_fast.ops, "attention_residual", attn)
+    monkeypatch.setattr(F, "interpolate", forbidden)
+    monkeypatch.setattr(torch, "sigmoid", forbidden)
+    m = fast_nn.AttentionModule(8, 3, backend=backend)
+    m(torch.randn(1, 8, 24, 24))
+    assert calls == {"up": 3, "attn": 1}  # 2 skip levels + the last skip-less upsample
+
+
+def test_convert_round_trip():
+    model = resattn_fast.create_model("attention56_cifar", impl="reference").eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    want = model(x)
+    assert resattn_fast.convert(model, "fast", backend="reference") is model
+    kinds = {type(m) for m in model.modules() if isinstance(m, RefAttention)}
+    assert kinds == {fast_nn.AttentionModule}
+    torch.testing.assert_close(model(x), want)
+    resattn_fast.convert(model, "reference")
+    assert {type(m) for m in model.modules() if isinstance(m, RefAttention)} == {RefAttention}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="impl must be one of"):
+        resattn_fast.convert(model, "turbo")
+
+
+def test_convert_reference_model_exports_without_custom_ops():
+    """A reference-converted model traces to plain aten ops (what ONNX export needs)."""
+    model = resattn_fast.convert(resattn_fast.create_model("attention56_cifar"), "reference").eval()
+    ep = torch.export.export(model, (torch.randn(1, 3, 32, 32),))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert not any("resattn_fast" in t for t in targets)

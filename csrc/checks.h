@@ -70,6 +70,15 @@ inline void check_attention_args(const at::Tensor& mask_logits, const at::Tensor
               mask_logits.sizes(), " and ", trunk.sizes());
 }
 
+// attention_residual_backward(grad, mask_logits, trunk): grad has trunk's shape, dtype
+// and device.
+inline void check_attention_grad(const at::Tensor& grad, const at::Tensor& trunk) {
+  check_floating(grad, "grad");
+  check_same(grad, "grad", trunk, "trunk");
+  TORCH_CHECK(grad.sizes() == trunk.sizes(), "resattn_fast: grad must have trunk's shape, got ",
+              grad.sizes(), " and ", trunk.sizes());
+}
+
 // The memory format a 4-D result should take to follow `t` (channels_last stays
 // channels_last; anything else becomes contiguous NCHW).
 inline at::MemoryFormat follow_format(const at::Tensor& t) {

@@ -17,8 +17,8 @@ def _info(args: argparse.Namespace) -> int:
 
     from . import __version__
     from ._ext import build_info
-    from .ops._backends import _triton_status, triton_interpreted
     from .ops import available_backends
+    from .ops._backends import _triton_status, triton_interpreted
 
     info = build_info()
     print(f"resattn_fast {__version__}")

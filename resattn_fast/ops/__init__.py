@@ -34,7 +34,7 @@ if _ext.C is not None:
 _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_ops() -> object:
     from . import triton as triton_ops  # imports Triton: only when the backend is used
 

@@ -31,7 +31,7 @@ def _dispatch_has(key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("resattn_fast::attention_residual", key)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_status() -> Tuple[bool, str]:
     try:
         import triton  # noqa: F401

@@ -3,8 +3,10 @@
 Environment:
   RESATTN_BUILD_CUDA=auto|0|1  auto (default): compile kernels/*.cu when nvcc is found, with
                                or without a GPU; 1: fail if they cannot be compiled; 0: CPU only.
-  RESATTN_BUILD_EXT=0          skip the extension entirely (pure-Python install; the package
-                               then runs on the reference backend).
+  RESATTN_BUILD_EXT=auto|0|1   auto (default): build the extension, but if compiling fails
+                               (no C++ compiler) install without it, with a warning: the
+                               package then runs on the reference backend; 1: a failed build
+                               fails the install (implied by RESATTN_BUILD_CUDA=1); 0: skip it.
   TORCH_CUDA_ARCH_LIST         CUDA architectures; default: the visible GPUs', else 8.0;9.0.
   MAX_JOBS                     parallel compile jobs (ninja).
 """
@@ -67,8 +69,11 @@ def _build_cuda(cuda_home: str | None) -> bool:
 
 
 def _extensions():
-    if os.environ.get("RESATTN_BUILD_EXT", "1").strip().lower() in FALSE:
+    ext_flag = os.environ.get("RESATTN_BUILD_EXT", "auto").strip().lower()
+    if ext_flag in FALSE:
         return [], {}
+    # optional: setuptools skips (with a warning) an extension that fails to compile.
+    optional = ext_flag not in TRUE and os.environ.get("RESATTN_BUILD_CUDA", "").strip() not in TRUE
     cuda_home = _find_nvcc()
     with_cuda = _build_cuda(cuda_home)
     import torch
@@ -97,6 +102,7 @@ def _extensions():
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+            optional=optional,
         )
     else:
         ext = CppExtension(
@@ -106,6 +112,7 @@ def _extensions():
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+            optional=optional,
         )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None
                                                             or _has_ninja_module())}

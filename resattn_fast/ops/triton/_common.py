@@ -1,0 +1,93 @@
+"""Helpers shared by the Triton kernels of both ops (host side and ``@triton.jit``).
+
+Host side: autotune config lists (one config under TRITON_INTERPRET=1, so the CPU
+interpreter never benchmarks), the 64-bit index decision, layout helpers and the
+``triton_op`` registration keywords. Device side: the float32/float64 accumulation cast.
+"""
+
+import inspect
+import os
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "INTERPRETED",
+    "acc",
+    "configs",
+    "dense_like",
+    "needs_int64",
+    "same_layout",
+    "triton_op_kwargs",
+]
+
+# The interpreter runs every program in numpy on the CPU: autotuning there would only
+# multiply the (slow) runs, so it gets a single, large block.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_INT32_LIMIT = 2**31 - 1
+
+
+def configs(gpu: Sequence[Tuple[int, int]], interpreted_block: int) -> List[triton.Config]:
+    """``triton.Config({"BLOCK": b}, num_warps=w)`` for each (b, w) of ``gpu``; a single
+    config of ``interpreted_block`` under TRITON_INTERPRET=1."""
+    if INTERPRETED:
+        return [triton.Config({"BLOCK": interpreted_block}, num_warps=4)]
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in gpu]
+
+
+def _span(t: torch.Tensor) -> int:
+    """One past the largest element offset ``t`` addresses (its extent in elements)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()))
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """True if an element offset into any of ``tensors`` (or an element count) can pass
+    2**31 - 1: the kernels then do their index math in int64 (int32 is faster otherwise)."""
+    return any(max(_span(t), t.numel()) > _INT32_LIMIT for t in tensors)
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides on every dimension longer than 1 (the strides of
+    size-1 dimensions never matter for addressing)."""
+    if a.shape != b.shape:
+        return False
+    return all(s == 1 or sa == sb for s, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def dense_like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` laid out exactly like ``ref`` (a freshly allocated, dense tensor): ``t``
+    itself when it already is, else a copy. Lets an elementwise kernel walk all its
+    operands with one flat offset."""
+    if same_layout(t, ref):
+        return t
+    out = torch.empty_like(ref)
+    out.copy_(t)
+    return out
+
+
+def triton_op_kwargs(schema: str) -> Dict[str, Any]:
+    """Keywords for ``torch.library.triton_op``: ``mutates_args=()`` and the explicit
+    ``schema`` where this torch accepts one (newer than 2.6); older versions infer the
+    schema from the annotations (``int[]`` then reads ``SymInt[]``, which accepts the
+    same calls)."""
+    kwargs: Dict[str, Any] = {"mutates_args": ()}
+    if "schema" in inspect.signature(torch.library.triton_op).parameters:
+        kwargs["schema"] = schema
+    return kwargs
+
+
+@triton.jit
+def acc(v, IS_FP64: tl.constexpr):
+    """Cast a loaded value to the accumulation type: float64 for float64 tensors, float32
+    for everything else (half types compute in float32 and round once, at the store)."""
+    # tl.cast (not .to) also accepts plain ints: Triton turns integer arguments equal to 1
+    # into compile-time constants.
+    if IS_FP64:
+        return tl.cast(v, tl.float64)
+    else:
+        return tl.cast(v, tl.float32)

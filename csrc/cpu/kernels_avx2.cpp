@@ -1,0 +1,48 @@
+// The CPU kernels built for AVX2 + FMA (+F16C for the float16 conversions) in a build
+// with baseline compiler flags: the instruction set is switched for this translation
+// unit only, after isa_prelude.h (read it for why the order matters), and the table is
+// used only when cpu_kernels() finds the CPU supports it. GCC on x86-64 only; elsewhere
+// kernels_avx2() returns nullptr and the DEFAULT kernels run.
+#include "isa_prelude.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define RESATTN_BUILD_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,lzcnt,popcnt")
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+// sleef.h declares its vector functions only under the ISA macros, which the target
+// pragma does not define: define them around that one header of declarations.
+#ifndef __AVX__
+#define __AVX__ 1
+#define RESATTN_UNDEF__AVX__
+#endif
+#define SLEEF_STATIC_LIBS
+#include <sleef.h>
+#ifdef RESATTN_UNDEF__AVX__
+#undef __AVX__
+#undef RESATTN_UNDEF__AVX__
+#endif
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include "attention_residual_kernel.h"
+#include "upsample_bilinear_add_kernel.h"
+#pragma GCC pop_options
+#endif
+
+namespace resattn {
+namespace cpu {
+
+const CpuKernels* kernels_avx2() {
+#ifdef RESATTN_BUILD_AVX2
+  static const CpuKernels table{"AVX2", &AVX2::upsample_forward, &AVX2::upsample_backward,
+                                &AVX2::attention_forward, &AVX2::attention_backward};
+  return &table;
+#else
+  return nullptr;
+#endif
+}
+
+}  // namespace cpu
+}  // namespace resattn

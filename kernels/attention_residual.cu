@@ -140,10 +140,7 @@ std::tuple<at::Tensor, at::Tensor> attention_residual_backward_cuda(const at::Te
                                                                     const at::Tensor& mask_logits,
                                                                     const at::Tensor& trunk) {
   check_attention_args(mask_logits, trunk);
-  check_floating(grad, "grad");
-  check_same(grad, "grad", trunk, "trunk");
-  TORCH_CHECK(grad.sizes() == trunk.sizes(), "resattn_fast: grad must have trunk's shape, got ",
-              grad.sizes(), " and ", trunk.sizes());
+  check_attention_grad(grad, trunk);
   TORCH_CHECK(trunk.is_cuda(), "resattn_fast: trunk must be a CUDA tensor, got ", trunk.device());
   const c10::cuda::CUDAGuard guard(trunk.device());
   // Each gradient is laid out like its input (the fake kernel's rule); the kernel runs in

@@ -1,0 +1,1 @@
+"""The resattn_fast benchmark suite (run it with ``python benchmarks/run.py --help``)."""

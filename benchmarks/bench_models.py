@@ -1,0 +1,312 @@
+"""Whole-network benchmarks: training step and inference, reference vs fast, eager vs compile.
+
+Rows per network and implementation:
+
+- ``train``: forward + cross-entropy + backward + SGD step; ``infer``: eval-mode forward
+  under no_grad. Metrics: ``throughput`` (images/s), ``time`` (ms per step), on a GPU
+  ``peak_memory`` (torch.cuda.max_memory_allocated over the timed steps), and for
+  ``train`` on every device ``saved_bytes``: the activations autograd keeps for backward
+  (tensors seen by torch.autograd.graph.saved_tensors_hooks, parameters excluded).
+- ``max_batch`` (GPU): the largest batch of a network whose training step fits in memory,
+  found by doubling then bisection (an OOM is caught, the cache emptied between tries),
+  with and without gradient checkpointing, within a time limit.
+
+Implementations: ``reference`` (plain PyTorch modules), ``fast`` (fused soft-mask ops with
+an explicit backend), and each of them under torch.compile (``+compile``).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .common import Results
+from .timing import Deadline, Stats, measure, saved_tensor_bytes, synchronize
+
+__all__ = ["ModelCase", "ModelImpl", "ModelsPlan", "bracket_search", "max_batch_search", "run_models"]
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """A network at an input size and batch."""
+
+    net: str
+    batch: int
+    input_size: int
+
+    @property
+    def shape(self) -> str:
+        return f"{self.batch}x3x{self.input_size}x{self.input_size}"
+
+
+@dataclass(frozen=True)
+class ModelImpl:
+    """How a network is built: create_model's impl and backend, and whether it is compiled."""
+
+    impl: str  # "reference" | "fast"
+    backend: str  # the backend passed to create_model ("reference" for impl="reference")
+    compiled: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.impl + ("+compile" if self.compiled else "")
+
+
+@dataclass
+class ModelsPlan:
+    """What the models suite measures."""
+
+    cases: List[ModelCase]
+    impls: List[ModelImpl]
+    modes: Sequence[str] = ("train", "infer")
+    compile_nets: Optional[Sequence[str]] = None  # None: compile every network
+    amp_dtype: Optional[torch.dtype] = None  # autocast dtype (bfloat16 on GPU)
+    channels_last: bool = False
+    warmup: int = 1
+    min_reps: int = 3
+    max_reps: int = 50
+    max_time_s: float = 2.0
+    budget_s: Optional[float] = None
+    compile_estimate_s: float = 60.0  # a compiled row is skipped when less budget is left
+    # The largest-batch search (GPU): network, input size, impls, seconds per search.
+    max_batch_net: Optional[str] = None
+    max_batch_input: int = 224
+    max_batch_impls: List[ModelImpl] = field(default_factory=list)
+    max_batch_limit_s: float = 30.0
+    max_batch_start: int = 16
+    max_batch_cap: int = 4096
+    skipped: List[Tuple[ModelCase, ModelImpl, str]] = field(default_factory=list)
+
+
+def _build(case: ModelCase, mi: ModelImpl, device: torch.device, channels_last: bool,
+           grad_checkpointing: bool = False) -> torch.nn.Module:
+    import resattn_fast
+
+    torch.manual_seed(0)
+    backend = None if mi.impl == "reference" else mi.backend
+    model = resattn_fast.create_model(case.net, impl=mi.impl, backend=backend,
+                                      grad_checkpointing=grad_checkpointing)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _inputs(case: ModelCase, num_classes: int, device: torch.device,
+            channels_last: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    # Drawn on the device itself: a large batch drawn on the host would cost seconds.
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(case.batch, 3, case.input_size, case.input_size, generator=gen, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, num_classes, (case.batch,), generator=gen, device=device)
+    return x, y
+
+
+def _train_step_fn(model: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor],
+                   x: torch.Tensor, y: torch.Tensor, amp: Optional[torch.dtype]) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step() -> None:
+        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = F.cross_entropy(run(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _rows_from_times(res: Results, common: dict, st: Stats, batch: int) -> None:
+    res.add(**common, metric="time", unit="ms", median=st.median, p20=st.p20, p80=st.p80)
+    ips = st.inverse(batch * 1e3)
+    res.add(**common, metric="throughput", unit="images/s", median=ips.median, p20=ips.p20, p80=ips.p80)
+
+
+def _one(res: Results, case: ModelCase, mi: ModelImpl, mode: str, device: torch.device,
+         plan: ModelsPlan, key: dict) -> None:
+    model = _build(case, mi, device, plan.channels_last)
+    num_classes = model.num_classes
+    x, y = _inputs(case, num_classes, device, plan.channels_last)
+    if mi.compiled:
+        torch._dynamo.reset()
+        run = torch.compile(model)
+    else:
+        run = model
+    amp = plan.amp_dtype
+    if mode == "train":
+        model.train()
+        fn = _train_step_fn(model, run, x, y, amp)
+    else:
+        model.eval()
+
+        def fn() -> None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32,
+                                                 enabled=amp is not None):
+                run(x)
+    t0 = time.perf_counter()
+    fn()  # the first call compiles (for +compile) and is not a warmup that counts
+    synchronize(device)
+    first_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    st = measure(fn, device, warmup=plan.warmup, min_reps=plan.min_reps, max_reps=plan.max_reps,
+                 max_time_s=plan.max_time_s)
+    common = dict(key, mode=mode)
+    _rows_from_times(res, common, st, case.batch)
+    res.add(**common, metric="first_call", unit="s", median=first_s, p20=first_s, p80=first_s)
+    if device.type == "cuda":
+        peak = float(torch.cuda.max_memory_allocated(device))
+        res.add(**common, metric="peak_memory", unit="bytes", median=peak, p20=peak, p80=peak)
+    if mode == "train":
+        model.train()
+        params = list(model.parameters()) + list(model.buffers())
+        with saved_tensor_bytes(exclude=params) as saved:
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out = run(x)
+        del out
+        v = float(saved["bytes"])
+        res.add(**common, metric="saved_bytes", unit="bytes", median=v, p20=v, p80=v)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_models(device: torch.device, plan: ModelsPlan, res: Results,
+               log: Callable[[str], None] = print) -> None:
+    """Measure every (network, implementation, mode) of ``plan`` into ``res``; eager rows
+    first, compiled rows after them, the largest-batch search last."""
+    deadline = Deadline(plan.budget_s)
+    dname = str(plan.amp_dtype).replace("torch.", "amp_") if plan.amp_dtype else "float32"
+    layout = "channels_last" if plan.channels_last else "nchw"
+    eager = [m for m in plan.impls if not m.compiled]
+    compiled = [m for m in plan.impls if m.compiled]
+    jobs = [(c, m) for c in plan.cases for m in eager] + [(c, m) for c in plan.cases for m in compiled]
+    for case, mi in jobs:
+        for mode in plan.modes:
+            key = dict(suite="models", name=case.net, impl=mi.label, backend=mi.backend,
+                       dtype=dname, layout=layout, shape=case.shape)
+            if mi.compiled and plan.compile_nets is not None and case.net not in plan.compile_nets:
+                res.skip(**key, mode=mode, reason="torch.compile of this network is left out of this run (a "
+                                                  "whole-network compilation takes minutes on a small CPU; "
+                                                  "the full run compiles it)")
+                continue
+            need = plan.compile_estimate_s if mi.compiled else 0.0
+            if deadline.expired(need):
+                res.skip(**key, mode=mode, reason=f"time budget of the models suite ({plan.budget_s:.0f} s) used up")
+                continue
+            t0 = time.perf_counter()
+            try:
+                _one(res, case, mi, mode, device, plan, key)
+                log(f"  {case.net} {case.shape} {mi.label}[{mi.backend}] {mode}: "
+                    f"{time.perf_counter() - t0:.1f} s")
+            except Exception as exc:  # one failing row must not end the run
+                text = " ".join(str(exc).split())
+                msg = f"{type(exc).__name__}: {text}"[:300]
+                res.skip(**key, mode=mode, reason=msg)
+                log(f"  skipped {case.net} {mi.label}[{mi.backend}] {mode}: {msg[:200]}")
+            finally:
+                _free(device)
+
+    if plan.max_batch_net and device.type == "cuda":
+        case = ModelCase(plan.max_batch_net, 0, plan.max_batch_input)
+        for mi in plan.max_batch_impls:
+            for ckpt in (False, True):
+                mode = "train+ckpt" if ckpt else "train"
+                key = dict(suite="models", name=case.net, impl=mi.label, backend=mi.backend, mode=mode,
+                           dtype=dname, layout=layout, shape=f"Nx3x{case.input_size}x{case.input_size}")
+                limit = min(plan.max_batch_limit_s, deadline.left())
+                if limit < 5:
+                    res.skip(**key, reason="time budget of the models suite used up")
+                    continue
+                try:
+                    lo, hi, tries = max_batch_search(case, mi, device, plan, ckpt, limit)
+                except Exception as exc:
+                    res.skip(**key, reason=f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300])
+                    continue
+                finally:
+                    _free(device)
+                v = float(lo)
+                res.add(**key, metric="max_batch", unit="images", median=v, p20=v,
+                        p80=float(hi - 1) if hi is not None else v)
+                bound = f"fits {lo}, " + (f"fails {hi}" if hi is not None else "upper bound not reached")
+                res.notes.append(f"max batch {case.net} {mi.label}[{mi.backend}] {mode}: {bound} "
+                                 f"({tries} tries; p80 column = largest batch not ruled out)")
+                log(f"  max batch {case.net} {mi.label} {mode}: {bound}")
+
+
+def _oom_types() -> Tuple[type, ...]:
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    return (oom,)
+
+
+def max_batch_search(case: ModelCase, mi: ModelImpl, device: torch.device, plan: ModelsPlan,
+                     grad_checkpointing: bool, limit_s: float) -> Tuple[int, Optional[int], int]:
+    """Largest batch whose training step runs: returns (fits, fails or None, tries).
+
+    Doubles from ``plan.max_batch_start`` until a step runs out of memory (or the cap),
+    then bisects until the bracket is within 1/16 of the batch; stops early when
+    ``limit_s`` is spent (the bracket then says how far it got).
+    """
+    model = _build(case, mi, device, plan.channels_last, grad_checkpointing=grad_checkpointing)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    amp = plan.amp_dtype
+    t_end = time.perf_counter() + limit_s
+
+    def fits(b: int) -> bool:
+        ok = True
+        try:
+            x, y = _inputs(ModelCase(case.net, b, case.input_size), model.num_classes, device,
+                           plan.channels_last)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            synchronize(device)
+        except _oom_types():
+            ok = False
+        except RuntimeError as exc:  # cuDNN and friends report OOM as a plain RuntimeError
+            if "out of memory" not in str(exc).lower():
+                raise
+            ok = False
+        # Drop every reference (the exception's frames included) before emptying the cache.
+        x = y = loss = None  # noqa: F841
+        opt.zero_grad(set_to_none=True)
+        _free(device)
+        return ok
+
+    return bracket_search(fits, plan.max_batch_start, plan.max_batch_cap, t_end)
+
+
+def bracket_search(fits: Callable[[int], bool], start: int, cap: int,
+                   t_end: float) -> Tuple[int, Optional[int], int]:
+    """Largest ``b`` in [1, cap] with ``fits(b)``, assuming fits is monotone (fits for all
+    batches below some limit): doubles from ``start`` until a failure or ``cap``, then
+    bisects until the bracket is within 1/16 of the batch, or until ``time.perf_counter()``
+    reaches ``t_end``. Returns (largest that fits or 0, smallest that fails or None, tries).
+    """
+    lo, hi, tries = 0, None, 0
+    b = max(1, min(start, cap))
+    while time.perf_counter() < t_end:
+        tries += 1
+        if fits(b):
+            lo = b
+            if hi is None:
+                if b >= cap:
+                    break
+                b = min(2 * b, cap)
+                continue
+        else:
+            hi = b
+        if hi - lo <= max(1, lo // 16):
+            break
+        b = (lo + hi) // 2
+    return lo, hi, tries

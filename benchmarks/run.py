@@ -1,0 +1,263 @@
+"""The resattn_fast benchmark suite: fused ops and whole networks, side by side with eager
+PyTorch and torch.compile, on the CPU or a CUDA GPU.
+
+    python benchmarks/run.py --suite all --device cpu --quick --out /tmp/bench_cpu
+    python benchmarks/run.py --suite all --device cuda --out OUTDIR      (gpu_check.sh)
+
+Writes OUTDIR/results.csv (long format), OUTDIR/report.md, OUTDIR/skipped.csv and PNG
+plots; prints the headline table last. Every loop is bounded by time, so ``--quick`` on a
+2-core CPU and the full run on one H100 stay within minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` and `resattn_fast` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.common import Results, ensure_package_importable, load_average, machine_info  # noqa: E402
+
+ensure_package_importable()
+
+import torch  # noqa: E402
+
+from resattn_fast.errors import UsageError  # noqa: E402
+
+if TYPE_CHECKING:
+    from benchmarks.bench_models import ModelsPlan
+
+__all__ = ["main", "build_parser", "run"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_CPU_MODEL_NETS = ("attention56", "attention92", "attention236_cifar", "attention452_cifar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python benchmarks/run.py",
+        description="Benchmark the fused soft-mask ops and the networks against eager PyTorch "
+                    "and torch.compile; writes results.csv, report.md and plots into --out.")
+    p.add_argument("--suite", choices=("ops", "models", "all"), default="all")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument("--quick", action="store_true",
+                   help="short run: headline shapes with every implementation, other shapes eager vs "
+                        "fused only, small networks (under 5 minutes on a 2-core CPU)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads (default: torch's default, here {torch.get_num_threads()})")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated fused backends to measure (default: every one available on "
+                        "the device except reference; on the CPU Triton only runs interpreted and is "
+                        "left out unless named here with TRITON_INTERPRET=1)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated: float32,bfloat16,float16 (default: float32 on CPU, all three on GPU)")
+    p.add_argument("--layouts", default="nchw,channels_last", help="comma-separated: nchw,channels_last")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch of the ImageNet-shaped op cases (default 8 on CPU, 64 on GPU)")
+    p.add_argument("--nets", default=None,
+                   help="comma-separated networks for the models suite (default: attention56, "
+                        "attention92, attention236_cifar, attention452_cifar; --quick: fewer)")
+    p.add_argument("--model-batch", type=int, default=None,
+                   help="batch of the 224x224 networks (default 64 on GPU, 4 on CPU, 2 with --quick)")
+    p.add_argument("--max-time", type=float, default=None,
+                   help="seconds of repetitions per measurement (default 1.0 CPU, 0.25 GPU, 0.3 --quick)")
+    p.add_argument("--budget-ops", type=float, default=None,
+                   help="seconds for the whole ops suite; rows past it are recorded as skipped")
+    p.add_argument("--budget-models", type=float, default=None,
+                   help="seconds for the whole models suite; rows past it are recorded as skipped")
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke test: tiny op shapes and tiny batches (used by the tests; numbers meaningless)")
+    return p
+
+
+def _csv_list(value: Optional[str], allowed: Sequence[str], what: str) -> Optional[List[str]]:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise UsageError(f"{what}: unknown value(s) {bad or [value]}; choose from {', '.join(allowed)}")
+    return items
+
+
+def _fused_backends(device: torch.device, requested: Optional[List[str]]) -> Tuple[List[str], Dict[str, str]]:
+    """(backends to time, {backend: why it is left out}); a named backend that cannot run
+    here is recorded as skipped with the reason, never replaced by another."""
+    from resattn_fast.ops import available_backends
+    from resattn_fast.ops._backends import _why_not, triton_interpreted
+
+    avail = available_backends(device)
+    run: List[str] = []
+    skipped: Dict[str, str] = {}
+    if requested is None:
+        candidates = ["cpu", "triton"] if device.type == "cpu" else ["cuda", "triton"]
+        for b in candidates:
+            why = _why_not(b, device.type)
+            if b == "triton" and device.type == "cpu" and why is None and triton_interpreted():
+                skipped[b] = ("Triton on the CPU runs in the interpreter (TRITON_INTERPRET=1), not a speed "
+                              "path; name it in --backends to time it anyway")
+            elif why is None and b in avail:
+                run.append(b)
+            elif b == "triton" and device.type == "cpu":
+                continue  # no CPU Triton without the interpreter: nothing to report
+            else:
+                skipped[b] = why or "not available"
+        return run, skipped
+    for b in requested:
+        why = _why_not(b, device.type)
+        if why is None:
+            run.append(b)
+        else:
+            skipped[b] = why
+    return run, skipped
+
+
+def run(args: argparse.Namespace, command: str, log: Callable[[str], None] = print) -> Results:
+    """Run the suites that ``args`` asks for and write the outputs; returns the results."""
+    from benchmarks import bench_models, bench_ops, report
+    from resattn_fast.ops import available_backends
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA GPU is visible to torch here (use --device cpu)")
+    device = torch.device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    gpu = device.type == "cuda"
+    quick, tiny = args.quick, args.tiny
+
+    requested = _csv_list(args.backends, ("reference", "cpu", "cuda", "triton"), "--backends")
+    fused, skipped = _fused_backends(device, requested)
+    dtype_names = _csv_list(args.dtypes, list(_DTYPES), "--dtypes") or (
+        ["bfloat16", "float16", "float32"] if gpu else ["float32"])
+    dtypes = [_DTYPES[d] for d in dtype_names]
+    if not gpu and any(d != torch.float32 for d in dtypes):
+        log("note: half-precision timings on the CPU are measured as asked, but the targets are float32")
+    layouts = _csv_list(args.layouts, ("nchw", "channels_last"), "--layouts")
+    nets = _csv_list(args.nets, list(_model_names()), "--nets")
+
+    res = Results(device=device, threads=threads, command=command, quick=quick)
+    res.info = machine_info(device, threads)
+    res.backends = {device.type: available_backends(device)}
+    for b, why in skipped.items():
+        res.notes.append(f"fused backend {b} not measured: {why}")
+    log(f"device: {res.info['device']}; threads {threads}; fused backends: {', '.join(fused) or 'none'}"
+        + (f"; left out: {', '.join(skipped)}" if skipped else ""))
+
+    max_time = args.max_time or (0.05 if tiny else 0.3 if quick else (0.25 if gpu else 1.0))
+    if args.suite in ("ops", "all"):
+        t0 = time.perf_counter()
+        batch = args.batch or (2 if tiny else 64 if gpu else 8)
+        cases = bench_ops.op_cases(imagenet_batch=batch, cifar_batch=(2 if tiny else 128 if gpu else 32),
+                                   tiny=tiny)
+        plan = bench_ops.OpsPlan(
+            cases=cases, dtypes=dtypes, layouts=layouts, fused_backends=fused,
+            skipped_backends=skipped, with_compile=not args.no_compile,
+            # Each shape costs two compilations (inference and training graphs): on a
+            # GPU compile every shape in bfloat16 and the headline shapes in every dtype;
+            # --quick on the CPU compiles the headline shapes only.
+            compile_dtypes_beyond_headline=([] if quick else [torch.bfloat16] if gpu else None),
+            modes_beyond_headline=(("fwd", "fwd+bwd") if quick else bench_ops.MODES),
+            warmup=1 if (quick or tiny) else (5 if gpu else 2),
+            min_reps=3 if (quick or tiny) else (10 if gpu else 5),
+            max_reps=200 if gpu else 100,
+            max_time_s=max_time,
+            budget_s=args.budget_ops or (150.0 if gpu else 150.0 if quick else None),
+        )
+        log(f"ops suite: {len(cases)} shapes x {len(dtypes)} dtypes x {len(layouts)} layouts")
+        bench_ops.run_ops(device, plan, res, log=log)
+        res.suites_s["ops"] = time.perf_counter() - t0
+
+    if args.suite in ("models", "all"):
+        t0 = time.perf_counter()
+        mplan = _models_plan(args, device, fused, nets, max_time)
+        log(f"models suite: {', '.join(c.net + ' ' + c.shape for c in mplan.cases)}")
+        bench_models.run_models(device, mplan, res, log=log)
+        res.suites_s["models"] = time.perf_counter() - t0
+
+    res.info["load_end"] = load_average()
+    paths = report.write_outputs(res, args.out)
+    log("")
+    log("wrote " + ", ".join(sorted(paths.values())))
+    head = report.headline_lines(res)
+    if head:
+        log("")
+        log(f"Headline ({res.info['device']}, {threads} threads, torch {torch.__version__}):")
+        for line in head:
+            log(line)
+    return res
+
+
+def _model_names() -> List[str]:
+    from resattn_fast import list_models
+
+    return list_models()
+
+
+def _models_plan(args: argparse.Namespace, device: torch.device, fused: List[str],
+                 nets: Optional[List[str]], max_time: float) -> ModelsPlan:
+    from benchmarks.bench_models import ModelCase, ModelImpl, ModelsPlan
+    from resattn_fast.models import CONFIGS
+
+    gpu, quick, tiny = device.type == "cuda", args.quick, args.tiny
+    if nets is None:
+        if tiny:
+            nets = ["attention56_cifar"]
+        elif quick and not gpu:
+            nets = ["attention56", "attention236_cifar"]
+        else:
+            nets = list(_CPU_MODEL_NETS)
+    cases = []
+    for net in nets:
+        size = CONFIGS[net].input_size
+        if size >= 224:
+            b = args.model_batch or (64 if gpu else 2 if quick else 4)
+        else:
+            b = (args.model_batch and max(args.model_batch, 2)) or (128 if gpu else 2 if tiny else 16)
+        cases.append(ModelCase(net, b, size))
+    impls = [ModelImpl("reference", "reference")]
+    impls += [ModelImpl("fast", b) for b in fused]
+    compile_nets: Optional[List[str]] = None
+    if not args.no_compile:
+        impls += [ModelImpl("reference", "reference", compiled=True)]
+        impls += [ModelImpl("fast", b, compiled=True) for b in fused[:1]]
+        if gpu:
+            compile_nets = ["attention56"]  # a whole-network compile costs a minute or more
+        elif tiny or quick:
+            compile_nets = []  # minutes per network on 2 cores: the ops suite covers compile
+    return ModelsPlan(
+        cases=cases, impls=impls, compile_nets=compile_nets,
+        amp_dtype=torch.bfloat16 if gpu else None, channels_last=gpu,
+        warmup=1 if not gpu else 2, min_reps=2 if (quick or tiny) else 3,
+        max_reps=30, max_time_s=(max_time if tiny else 3.0 if gpu else 2.0 if quick else 5.0),
+        budget_s=args.budget_models or (200.0 if gpu else 120.0 if quick else None),
+        compile_estimate_s=90.0 if gpu else 5.0 if tiny else 240.0,
+        max_batch_net="attention452" if gpu else None,
+        max_batch_impls=[ModelImpl("reference", "reference")] + [ModelImpl("fast", b) for b in fused[:1]],
+        max_batch_limit_s=25.0,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in argv)
+    try:
+        run(args, command)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

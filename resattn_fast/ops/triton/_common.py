@@ -7,7 +7,7 @@ interpreter never benchmarks), the 64-bit index decision, layout helpers and the
 
 import inspect
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 import triton
@@ -18,6 +18,8 @@ __all__ = [
     "acc",
     "configs",
     "dense_like",
+    "flat_grid",
+    "needs_fake",
     "needs_int64",
     "same_layout",
     "triton_op_kwargs",
@@ -79,6 +81,21 @@ def triton_op_kwargs(schema: str) -> Dict[str, Any]:
     if "schema" in inspect.signature(torch.library.triton_op).parameters:
         kwargs["schema"] = schema
     return kwargs
+
+
+def needs_fake(op: Any) -> bool:
+    """Whether ``op`` (a ``triton_op``) still needs the fake kernels of ``_registry``.
+
+    ``triton_op`` registers the decorated function itself as the fake kernel (it must be
+    traceable: torch ops plus ``wrap_triton`` launches, which do nothing on fake tensors),
+    so nothing is needed where it does that; a torch that did not would get the shared
+    fakes, which describe the same shapes, dtypes and layouts."""
+    return getattr(op, "_abstract_fn", None) is None
+
+
+def flat_grid(n: int) -> Callable[[Dict[str, Any]], Tuple[int]]:
+    """Launch grid for one program per ``BLOCK`` of ``n`` elements (``BLOCK`` autotuned)."""
+    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
 
 
 @triton.jit

@@ -17,9 +17,19 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from .. import _registry
-from ._common import acc, configs, dense_like, needs_int64, same_layout, triton_op_kwargs
+from ._common import (
+    acc,
+    configs,
+    dense_like,
+    flat_grid,
+    needs_fake,
+    needs_int64,
+    same_layout,
+    triton_op_kwargs,
+)
 
 __all__ = ["attention_residual", "attention_residual_backward"]
 
@@ -90,10 +100,6 @@ def _check(mask_logits: torch.Tensor, trunk: torch.Tensor, what: str) -> None:
                            f"got {tuple(mask_logits.shape)} and {tuple(trunk.shape)}")
 
 
-def _grid(numel: int):  # noqa: ANN202 - Triton grid callback
-    return lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
-
-
 @torch.library.triton_op(
     "resattn_fast::attention_residual_triton",
     **triton_op_kwargs("(Tensor mask_logits, Tensor trunk) -> Tensor"),
@@ -109,7 +115,7 @@ def attention_residual_triton(mask_logits: torch.Tensor, trunk: torch.Tensor) ->
         return out
     m = dense_like(mask_logits, out)
     f = dense_like(trunk, out)
-    torch.library.wrap_triton(_attention_residual_fwd_kernel)[_grid(numel)](
+    wrap_triton(_attention_residual_fwd_kernel)[flat_grid(numel)](
         m, f, out, numel,
         IS_FP64=out.dtype == torch.float64, INT64=needs_int64(out),
     )
@@ -140,7 +146,7 @@ def attention_residual_backward_triton(
     f = dense_like(trunk, grad_f)
     direct = same_layout(grad_m, grad_f)
     gm = grad_m if direct else torch.empty_like(grad_f)
-    torch.library.wrap_triton(_attention_residual_bwd_kernel)[_grid(numel)](
+    wrap_triton(_attention_residual_bwd_kernel)[flat_grid(numel)](
         g, m, f, gm, grad_f, numel,
         IS_FP64=grad_f.dtype == torch.float64, INT64=needs_int64(grad_f),
     )
@@ -150,7 +156,7 @@ def attention_residual_backward_triton(
 
 
 _registry.register_attention(attention_residual_triton, attention_residual_backward_triton,
-                             fakes=False)  # triton_op registers the function itself as its fake
+                             fakes=needs_fake(attention_residual_triton))
 
 
 def attention_residual(mask_logits: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:

@@ -25,10 +25,11 @@ from typing import List, Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ..._format import memory_format_of
 from .. import _registry
-from ._common import acc, configs, needs_int64, triton_op_kwargs
+from ._common import acc, configs, flat_grid, needs_fake, needs_int64, triton_op_kwargs
 
 __all__ = ["upsample_bilinear_add", "upsample_bilinear_add_backward"]
 
@@ -264,9 +265,7 @@ def upsample_bilinear_add_triton(x: torch.Tensor, skip: Optional[torch.Tensor], 
     has_skip = skip is not None
     s = skip if has_skip else out  # never read without skip: any valid pointer will do
     sst = skip.stride() if has_skip else (0, 0, 0, 0)
-    torch.library.wrap_triton(_upsample_bilinear_add_fwd_kernel)[
-        lambda meta: (triton.cdiv(total, meta["BLOCK"]),)
-    ](
+    wrap_triton(_upsample_bilinear_add_fwd_kernel)[flat_grid(total)](
         x, s, out, total,
         C, H, W, h, w,
         *x.stride(),
@@ -302,9 +301,7 @@ def upsample_bilinear_add_backward_triton(grad: torch.Tensor, input_size: List[i
         return grad_x
     kh = _window(h, int(H), bool(align_corners))
     kw = _window(w, int(W), bool(align_corners))
-    torch.library.wrap_triton(_upsample_bilinear_add_bwd_kernel)[
-        lambda meta: (triton.cdiv(total, meta["BLOCK"]),)
-    ](
+    wrap_triton(_upsample_bilinear_add_bwd_kernel)[flat_grid(total)](
         grad, grad_x, total,
         C, H, W, h, w,
         *grad.stride(),
@@ -316,9 +313,8 @@ def upsample_bilinear_add_backward_triton(grad: torch.Tensor, input_size: List[i
     return grad_x
 
 
-# triton_op registers the function itself as its fake kernel: no separate fakes.
 _registry.register_upsample(upsample_bilinear_add_triton, upsample_bilinear_add_backward_triton,
-                            fakes=False)
+                            fakes=needs_fake(upsample_bilinear_add_triton))
 
 
 def upsample_bilinear_add(x: torch.Tensor, skip: Optional[torch.Tensor], size: List[int],

@@ -112,6 +112,11 @@ class EpochStats:
         return cls(float(d["loss_sum"]), float(d["correct"]), float(d["count"]), float(d["seconds"]))
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Autocast logits (float16/bfloat16) go to float32 for the loss; float64 stays."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 class Trainer:
     """Runs training steps and evaluation for ``model`` (possibly DDP- and/or
     compile-wrapped) on ``device``.
@@ -158,7 +163,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             logits = self.model(x)
-        loss = self.criterion(logits.float(), y)
+        loss = self.criterion(_at_least_float32(logits), y)
         self.scaler.scale(loss).backward()
         flags = torch.stack([(~torch.isfinite(loss.detach())).to(torch.float32),
                              torch.tensor(float(self.stop.requested), device=loss.device)])
@@ -223,7 +228,8 @@ class Trainer:
             x, y = self._inputs(x, y)
             with self._autocast():
                 logits = model(x)
-            stats.loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
+            stats.loss_sum += float(torch.nn.functional.cross_entropy(_at_least_float32(logits), y,
+                                                                      reduction="sum"))
             stats.correct += float((logits.argmax(1) == y).sum())
             stats.count += int(y.shape[0])
         stats.seconds = time.perf_counter() - t0

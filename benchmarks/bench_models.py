@@ -17,10 +17,11 @@ an explicit backend), and each of them under torch.compile (``+compile``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -108,12 +109,19 @@ def _inputs(case: ModelCase, num_classes: int, device: torch.device,
     return x, y
 
 
+def _autocast(device: torch.device, amp: Optional[torch.dtype]) -> ContextManager[object]:
+    """autocast to ``amp`` (e.g. bfloat16 on a GPU), or nothing when ``amp`` is None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp)
+
+
 def _train_step_fn(model: torch.nn.Module, run: Callable[[torch.Tensor], torch.Tensor],
                    x: torch.Tensor, y: torch.Tensor, amp: Optional[torch.dtype]) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 
     def step() -> None:
-        with torch.autocast(x.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        with _autocast(x.device, amp):
             loss = F.cross_entropy(run(x), y)
         loss.backward()
         opt.step()
@@ -145,8 +153,7 @@ def _one(res: Results, case: ModelCase, mi: ModelImpl, mode: str, device: torch.
         model.eval()
 
         def fn() -> None:
-            with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32,
-                                                 enabled=amp is not None):
+            with torch.no_grad(), _autocast(device, amp):
                 run(x)
     t0 = time.perf_counter()
     fn()  # the first call compiles (for +compile) and is not a warmup that counts
@@ -166,7 +173,7 @@ def _one(res: Results, case: ModelCase, mi: ModelImpl, mode: str, device: torch.
         model.train()
         params = list(model.parameters()) + list(model.buffers())
         with saved_tensor_bytes(exclude=params) as saved:
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with _autocast(device, amp):
                 out = run(x)
         del out
         v = float(saved["bytes"])
@@ -266,7 +273,7 @@ def max_batch_search(case: ModelCase, mi: ModelImpl, device: torch.device, plan:
         try:
             x, y = _inputs(ModelCase(case.net, b, case.input_size), model.num_classes, device,
                            plan.channels_last)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            with _autocast(device, amp):
                 loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()

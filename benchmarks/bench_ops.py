@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .common import Results, shape_str
-from .timing import Deadline, L2Flusher, Stats, measure, saved_tensor_bytes
+from .timing import Deadline, L2Flusher, Stats, measure, measure_interleaved, saved_tensor_bytes
 
 __all__ = ["OpCase", "OpsPlan", "op_cases", "run_ops", "HEADLINE_WHERE"]
 
@@ -272,6 +272,8 @@ def run_ops(device: torch.device, plan: OpsPlan, res: Results, log: Callable[[st
     copy = _CopyBaseline(device, plan, res, flush)
     for case in plan.cases:
         res.labels[case.shape] = case.where
+        if case.headline:
+            res.headline.add(case.shape)
     impls: List[Tuple[str, str]] = [("eager", "reference")]
     if plan.with_compile:
         impls.append(("compile", "inductor"))
@@ -287,77 +289,120 @@ def run_ops(device: torch.device, plan: OpsPlan, res: Results, log: Callable[[st
             modes = MODES if case.headline else tuple(plan.modes_beyond_headline)
             for b, why in plan.skipped_backends.items():
                 res.skip(**key, impl="fused", backend=b, mode="all", reason=why)
+            here: List[Tuple[str, str]] = []
             for impl, backend in impls:
                 if impl == "compile" and not case.headline and plan.compile_dtypes_beyond_headline is not None \
                         and dtype not in plan.compile_dtypes_beyond_headline:
                     res.skip(**key, impl=impl, backend=backend, mode="all",
                              reason="torch.compile is measured at the headline shapes only in this run "
                                     "(each shape costs a compilation; drop --quick / see --help)")
-                    continue
-                if deadline.expired():
+                elif deadline.expired():
                     res.skip(**key, impl=impl, backend=backend, mode="all",
                              reason=f"time budget of the ops suite ({plan.budget_s:.0f} s) used up")
-                    continue
-                try:
-                    _run_row(case, impl, backend, dtype, layout, modes, device, plan, res, copy, flush)
-                except Exception as exc:  # one failing row must not end the run
-                    msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                    res.skip(**key, impl=impl, backend=backend, mode="all", reason=msg[:300])
-                    log(f"  skipped {case.op} {case.shape} {layout} {dname} {impl}[{backend}]: {msg[:200]}")
-            log(f"  {case.op} {case.shape} {layout} {dname}: done ({deadline.left():.0f} s left)"
-                if plan.budget_s else f"  {case.op} {case.shape} {layout} {dname}: done")
+                else:
+                    here.append((impl, backend))
+            if here:
+                _run_case(case, here, dtype, layout, modes, device, plan, res, copy, flush, log)
+                log(f"  {case.op} {case.shape} {layout} {dname}: done"
+                    + (f" ({deadline.left():.0f} s left)" if plan.budget_s else ""))
 
 
-def _run_row(case: OpCase, impl: str, backend: str, dtype: torch.dtype, layout: str,
-             modes: Sequence[str], device: torch.device, plan: OpsPlan, res: Results,
-             copy: _CopyBaseline, flush: L2Flusher) -> None:
-    fn = _impl_fn(case, impl, backend)
-    if impl == "fused" and plan.check:
-        _check_against_eager(case, fn, dtype, layout, device)
+def _why(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _run_case(case: OpCase, impls: List[Tuple[str, str]], dtype: torch.dtype, layout: str,
+              modes: Sequence[str], device: torch.device, plan: OpsPlan, res: Results,
+              copy: _CopyBaseline, flush: L2Flusher, log: Callable[[str], None]) -> None:
+    """Time the implementations of one (case, dtype, layout) side by side: each mode is
+    measured round-robin over the implementations (see measure_interleaved)."""
     dname = DTYPE_NAMES[dtype]
     elsize = torch.empty((), dtype=dtype).element_size()
-    common = dict(suite="ops", name=case.op, impl=impl, backend=backend, dtype=dname,
-                  layout=layout, shape=case.shape)
-    timing = dict(warmup=plan.warmup, min_reps=plan.min_reps, max_reps=plan.max_reps,
-                  max_time_s=plan.max_time_s, flush=flush)
-
+    key = dict(suite="ops", name=case.op, dtype=dname, layout=layout, shape=case.shape)
     xs_ng = _make_inputs(case, dtype, layout, device, False)
     xs = _make_inputs(case, dtype, layout, device, True)
     with torch.no_grad():
-        grad_out = torch.randn_like(fn(*xs_ng))
+        grad_out = torch.randn_like(_impl_fn(case, "eager", "reference")(*xs_ng))
+
+    fns: Dict[Tuple[str, str], Callable[..., torch.Tensor]] = {}
+    for impl, backend in impls:
+        try:
+            fn = _impl_fn(case, impl, backend)
+            if impl == "fused" and plan.check:
+                _check_against_eager(case, fn, dtype, layout, device)
+            # First calls (torch.compile compiles its inference and training graphs here)
+            # stay out of the timings.
+            with torch.no_grad():
+                fn(*xs_ng)
+            torch.autograd.grad(fn(*xs), xs, grad_out)
+            fns[(impl, backend)] = fn
+        except Exception as exc:  # one failing implementation must not end the run
+            res.skip(**key, impl=impl, backend=backend, mode="all", reason=_why(exc))
+            log(f"  skipped {case.op} {case.shape} {layout} {dname} {impl}[{backend}]: {_why(exc)[:200]}")
+    if not fns:
+        return
+    timing = dict(warmup=plan.warmup, min_reps=plan.min_reps, max_reps=plan.max_reps,
+                  max_time_s=plan.max_time_s, flush=flush)
 
     for mode in modes:
-        if mode == "fwd":
-            def run_fwd() -> None:
-                with torch.no_grad():
-                    fn(*xs_ng)
-            st = measure(run_fwd, device, **timing)
-        elif mode == "fwd+bwd":
-            def run_fwd_bwd() -> None:
-                torch.autograd.grad(fn(*xs), xs, grad_out)
-            st = measure(run_fwd_bwd, device, **timing)
-        else:
-            holder: List[torch.Tensor] = []
-
-            def fwd_only(holder: List[torch.Tensor] = holder) -> None:
-                holder[:] = [fn(*xs)]
-
-            def run_bwd(holder: List[torch.Tensor] = holder) -> None:
-                torch.autograd.grad(holder.pop(), xs, grad_out)
-            st = measure(run_bwd, device, setup=fwd_only, **timing)
         nbytes = _bytes(case, mode, elsize)
-        res.add(**common, mode=mode, metric="time", unit="ms", median=st.median, p20=st.p20, p80=st.p80)
-        bw = st.inverse(nbytes / 1e6)
-        res.add(**common, mode=mode, metric="bandwidth", unit="GB/s", median=bw.median, p20=bw.p20, p80=bw.p80)
-        ratio = bw.scaled(1.0 / copy.gbps(dtype, nbytes))
-        res.add(**common, mode=mode, metric="bw_vs_copy", unit="ratio",
-                median=ratio.median, p20=ratio.p20, p80=ratio.p80)
+        copy_gbps = copy.gbps(dtype, nbytes)
+        tasks: Dict[str, Tuple[Callable[[], object], Optional[Callable[[], object]]]] = {}
+        for (impl, backend), fn in fns.items():
+            tasks[f"{impl}|{backend}"] = _mode_task(fn, mode, xs, xs_ng, grad_out)
+        try:
+            stats = measure_interleaved(tasks, device, **timing)
+        except Exception:  # e.g. out of memory with every implementation alive: one at a time
+            stats = {}
+            for label, (fn_t, setup) in tasks.items():
+                try:
+                    stats[label] = measure(fn_t, device, setup=setup, **timing)
+                except Exception as exc:
+                    impl, backend = label.split("|")
+                    res.skip(**key, impl=impl, backend=backend, mode=mode, reason=_why(exc))
+        for label, st in stats.items():
+            impl, backend = label.split("|")
+            common = dict(key, impl=impl, backend=backend, mode=mode)
+            res.add(**common, metric="time", unit="ms", median=st.median, p20=st.p20, p80=st.p80)
+            bw = st.inverse(nbytes / 1e6)
+            res.add(**common, metric="bandwidth", unit="GB/s", median=bw.median, p20=bw.p20, p80=bw.p80)
+            ratio = bw.scaled(1.0 / copy_gbps)
+            res.add(**common, metric="bw_vs_copy", unit="ratio",
+                    median=ratio.median, p20=ratio.p20, p80=ratio.p80)
 
     # What autograd keeps for backward (inputs included: the fused attention_residual keeps
     # exactly its two inputs, the fused upsample keeps nothing).
-    with saved_tensor_bytes() as saved:
-        out = fn(*xs)
-    del out
-    for metric, unit in (("saved_bytes", "bytes"), ("saved_tensors", "count")):
-        v = float(saved["bytes" if metric == "saved_bytes" else "tensors"])
-        res.add(**common, mode="fwd+bwd", metric=metric, unit=unit, median=v, p20=v, p80=v)
+    for (impl, backend), fn in fns.items():
+        with saved_tensor_bytes() as saved:
+            out = fn(*xs)
+        del out
+        common = dict(key, impl=impl, backend=backend, mode="fwd+bwd")
+        for metric, unit, field_ in (("saved_bytes", "bytes", "bytes"), ("saved_tensors", "count", "tensors")):
+            v = float(saved[field_])
+            res.add(**common, metric=metric, unit=unit, median=v, p20=v, p80=v)
+
+
+def _mode_task(fn: Callable[..., torch.Tensor], mode: str, xs: List[torch.Tensor],
+               xs_ng: List[torch.Tensor], grad_out: torch.Tensor
+               ) -> Tuple[Callable[[], object], Optional[Callable[[], object]]]:
+    """(timed call, untimed setup) for one mode: fwd runs under no_grad (inference);
+    fwd+bwd runs the forward with autograd and torch.autograd.grad for every input; bwd
+    times only the latter, its forward runs in the setup."""
+    if mode == "fwd":
+        def run_fwd() -> None:
+            with torch.no_grad():
+                fn(*xs_ng)
+        return run_fwd, None
+    if mode == "fwd+bwd":
+        def run_fwd_bwd() -> None:
+            torch.autograd.grad(fn(*xs), xs, grad_out)
+        return run_fwd_bwd, None
+    holder: List[torch.Tensor] = []
+
+    def fwd_only() -> None:
+        holder[:] = [fn(*xs)]
+
+    def run_bwd() -> None:
+        torch.autograd.grad(holder.pop(), xs, grad_out)
+    return run_bwd, fwd_only

@@ -8,7 +8,7 @@ import os
 import platform
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 import torch
 
@@ -149,6 +149,7 @@ class Results:
     backends: Dict[str, List[str]] = field(default_factory=dict)
     suites_s: Dict[str, float] = field(default_factory=dict)
     labels: Dict[str, str] = field(default_factory=dict)  # shape -> where the networks run it
+    headline: Set[str] = field(default_factory=set)  # shapes of the headline (target) cases
 
     def add(self, **kw: Any) -> None:
         self.rows.append(Row(**kw))

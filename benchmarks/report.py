@@ -111,7 +111,7 @@ def _metric(res: Results, label: str, metric: str, **kw: str) -> Optional[Row]:
 
 def _headline_rows(res: Results) -> List[Row]:
     """The eager time rows of the headline cases (one per op, dtype, layout, mode)."""
-    heads = {shape for shape, where in res.labels.items() if where == "headline"}
+    heads = res.headline
     dt = "float32" if res.device.type == "cpu" else "bfloat16"
     return [r for r in res.find(suite="ops", metric="time", impl="eager", dtype=dt)
             if r.shape in heads]
@@ -158,7 +158,7 @@ def headline_lines(res: Results) -> List[str]:
 
 
 def _target_lines(res: Results) -> List[str]:
-    heads = {shape for shape, where in res.labels.items() if where == "headline"}
+    heads = res.headline
     if res.device.type == "cpu":
         targets, dt = CPU_TARGETS, "float32"
         title = "Targets of the CPU kernels (2 threads, float32, headline shapes)"

@@ -20,6 +20,7 @@ __all__ = [
     "Deadline",
     "L2Flusher",
     "measure",
+    "measure_interleaved",
     "percentiles",
     "saved_tensor_bytes",
     "synchronize",
@@ -147,6 +148,61 @@ def measure(
         synchronize(device)
         samples = [s.elapsed_time(e) for s, e in events]
     return percentiles(samples)
+
+
+def measure_interleaved(
+    fns: Dict[str, Tuple[Callable[[], object], Optional[Callable[[], object]]]],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    min_reps: int = 5,
+    max_reps: int = 200,
+    max_time_s: float = 1.0,
+    flush: Optional[L2Flusher] = None,
+) -> Dict[str, Stats]:
+    """Time several implementations of one thing round-robin: one call of each per round.
+
+    ``fns`` maps a label to (fn, setup or None) as in :func:`measure`. Interleaving makes
+    the implementations share whatever the machine does meanwhile (other processes on a
+    shared CPU, clocks, thermal state), so their ratios stay meaningful even when the
+    absolute times drift. Rounds continue until ``max_time_s`` per implementation has
+    passed (at least ``min_reps``, at most ``max_reps`` rounds).
+    """
+    for _ in range(max(warmup, 0)):
+        for fn, setup in fns.values():
+            if setup is not None:
+                setup()
+            fn()
+    synchronize(device)
+    samples: Dict[str, List[float]] = {k: [] for k in fns}
+    events: Dict[str, List[Tuple[torch.cuda.Event, torch.cuda.Event]]] = {k: [] for k in fns}
+    budget = max_time_s * len(fns)
+    t_begin = time.perf_counter()
+    reps = 0
+    while reps < max_reps and (reps < min_reps or time.perf_counter() - t_begin < budget):
+        for label, (fn, setup) in fns.items():
+            if setup is not None:
+                setup()
+            if flush is not None:
+                flush()
+            if device.type == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                events[label].append((start, end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                samples[label].append((time.perf_counter() - t0) * 1e3)
+        if device.type == "cuda" and reps % 8 == 7:
+            synchronize(device)  # keep the host from racing far ahead of the GPU
+        reps += 1
+    if device.type == "cuda":
+        synchronize(device)
+        samples = {k: [s.elapsed_time(e) for s, e in ev] for k, ev in events.items()}
+    return {k: percentiles(v) for k, v in samples.items()}
 
 
 def _storage_key(t: torch.Tensor) -> Tuple[int, int]:

@@ -160,7 +160,7 @@ def test_bracket_search_finds_the_largest_fitting_batch() -> None:
 
 def test_report_says_plainly_when_a_fused_op_is_slower() -> None:
     res = Results(device=torch.device("cpu"), threads=2, command="x", quick=True)
-    res.labels["8x256x56x56"] = "headline"
+    res.headline.add("8x256x56x56")
     key = dict(suite="ops", name="attention_residual", mode="fwd", dtype="float32", layout="nchw",
                shape="8x256x56x56", metric="time", unit="ms")
     for impl, backend, ms in (("eager", "reference", 8.0), ("compile", "inductor", 4.0), ("fused", "cpu", 5.0)):

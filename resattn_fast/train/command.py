@@ -40,7 +40,7 @@ METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 # resumed one.
 _RUN_DEFINING = ("model", "data", "batch_size", "seed", "recipe", "lr", "momentum", "nesterov",
                  "weight_decay", "schedule", "warmup_epochs", "train_subset", "val_subset",
-                 "synthetic_size")
+                 "synthetic_size", "augment")
 
 
 class TrainingFailed(Exception):
@@ -77,6 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="use only the first N training images (quick experiments)")
     g.add_argument("--val-subset", type=int, default=None, metavar="N",
                    help="use only the first N validation images")
+    g.add_argument("--no-augment", dest="augment", action="store_false", default=True,
+                   help="train without the data set's augmentation (crop/flip)")
     g.add_argument("--synthetic-size", type=int, default=1024, help="images in --data synthetic")
     r = parser.add_argument_group("recipe")
     r.add_argument("--recipe", default=None, choices=sorted(RECIPES),
@@ -258,7 +260,8 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
 
     data: DataBundle = load_data(args.data, data_dir=args.data_dir, image_size=net.input_size,
                                  seed=args.seed, synthetic_size=args.synthetic_size,
-                                 train_subset=args.train_subset, val_subset=args.val_subset)
+                                 train_subset=args.train_subset, val_subset=args.val_subset,
+                                 augment=args.augment)
     if batch > len(data.train):
         raise UsageError(f"--batch-size {batch} is larger than the training set "
                          f"({len(data.train)} images); lower --batch-size")

@@ -135,6 +135,7 @@ class ImageFolderDataset(AugmentedDataset):
         super().__init__(train, seed)
         self.samples = samples
         self.size = int(size)
+        self.augment = "resized-crop-flip" if train else "none"
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
@@ -155,7 +156,7 @@ class ImageFolderDataset(AugmentedDataset):
                 im = im.convert("RGB")
         except Exception as exc:  # a broken file must not kill a days-long run silently
             raise RuntimeError(f"cannot read image {path}: {exc}") from exc
-        if self.train:
+        if self.augment != "none":
             im = _random_resized_crop(im, self.size, self._generator(index))
         else:
             im = _resize_center_crop(im, self.size)
@@ -406,10 +407,12 @@ def _synthetic(image_size: int, num_classes: int, size: int, seed: int) -> DataB
 
 def load_data(name: str, *, data_dir: Optional[str], image_size: int, seed: int,
               synthetic_classes: int = 10, synthetic_size: int = 1024,
-              train_subset: Optional[int] = None, val_subset: Optional[int] = None) -> DataBundle:
+              train_subset: Optional[int] = None, val_subset: Optional[int] = None,
+              augment: bool = True) -> DataBundle:
     """Load data set ``name`` (one of DATASETS) for a model of ``image_size`` pixels.
 
-    Raises UsageError for a missing or malformed data directory.
+    ``augment=False`` turns the training augmentation off. Raises UsageError for a missing
+    or malformed data directory.
     """
     loaders: dict[str, Callable[[], DataBundle]] = {
         "digits": lambda: _digits(image_size, seed),
@@ -421,6 +424,8 @@ def load_data(name: str, *, data_dir: Optional[str], image_size: int, seed: int,
     if name not in loaders:
         raise UsageError(f"--data {name!r}: choose one of {', '.join(DATASETS)}")
     bundle = loaders[name]()
+    if not augment:
+        bundle.train.augment = "none"
     bundle.train.limit(train_subset)
     bundle.val.limit(val_subset)
     if len(bundle.train) == 0:

@@ -90,8 +90,10 @@ fi
 log "build: $build_status"
 
 # ------------------------------------------------------------------------- 2. info
-if command -v resattn >/dev/null 2>&1; then
-  resattn info > "$OUT/info.txt" 2>&1
+# The console script of this interpreter's environment (pip just installed it), else -m.
+PYBIN=$("$PY" -c "import os, sys; print(os.path.dirname(sys.executable))")
+if [[ -x "$PYBIN/resattn" ]]; then
+  "$PYBIN/resattn" info > "$OUT/info.txt" 2>&1
 else
   "$PY" -m resattn_fast info > "$OUT/info.txt" 2>&1
 fi

@@ -188,40 +188,57 @@ def _free(device: torch.device) -> None:
 
 def run_models(device: torch.device, plan: ModelsPlan, res: Results,
                log: Callable[[str], None] = print) -> None:
-    """Measure every (network, implementation, mode) of ``plan`` into ``res``; eager rows
-    first, compiled rows after them, the largest-batch search last."""
+    """Measure every (network, implementation, mode) of ``plan`` into ``res``: eager rows
+    first, then the largest-batch search (GPU), then the compiled rows (the slowest to
+    set up, so the first to give way when the time budget runs out)."""
     deadline = Deadline(plan.budget_s)
     dname = str(plan.amp_dtype).replace("torch.", "amp_") if plan.amp_dtype else "float32"
     layout = "channels_last" if plan.channels_last else "nchw"
     eager = [m for m in plan.impls if not m.compiled]
     compiled = [m for m in plan.impls if m.compiled]
-    jobs = [(c, m) for c in plan.cases for m in eager] + [(c, m) for c in plan.cases for m in compiled]
-    for case, mi in jobs:
-        for mode in plan.modes:
-            key = dict(suite="models", name=case.net, impl=mi.label, backend=mi.backend,
-                       dtype=dname, layout=layout, shape=case.shape)
-            if mi.compiled and plan.compile_nets is not None and case.net not in plan.compile_nets:
-                res.skip(**key, mode=mode, reason="torch.compile of this network is left out of this run (a "
-                                                  "whole-network compilation takes minutes on a small CPU; "
-                                                  "the full run compiles it)")
-                continue
-            need = plan.compile_estimate_s if mi.compiled else 0.0
-            if deadline.expired(need):
-                res.skip(**key, mode=mode, reason=f"time budget of the models suite ({plan.budget_s:.0f} s) used up")
-                continue
-            t0 = time.perf_counter()
-            try:
-                _one(res, case, mi, mode, device, plan, key)
-                log(f"  {case.net} {case.shape} {mi.label}[{mi.backend}] {mode}: "
-                    f"{time.perf_counter() - t0:.1f} s")
-            except Exception as exc:  # one failing row must not end the run
-                text = " ".join(str(exc).split())
-                msg = f"{type(exc).__name__}: {text}"[:300]
-                res.skip(**key, mode=mode, reason=msg)
-                log(f"  skipped {case.net} {mi.label}[{mi.backend}] {mode}: {msg[:200]}")
-            finally:
-                _free(device)
+    # Keep the time the largest-batch searches need out of the eager rows' share.
+    reserve = 0.0
+    if plan.max_batch_net and device.type == "cuda":
+        reserve = 2 * len(plan.max_batch_impls) * plan.max_batch_limit_s
+    jobs = [(c, m) for c in plan.cases for m in eager]
+    _rows(jobs, device, plan, res, deadline, dname, layout, log, reserve)
+    _max_batch(device, plan, res, deadline, dname, layout, log)
+    _rows([(c, m) for c in plan.cases for m in compiled], device, plan, res, deadline, dname, layout, log)
 
+
+def _rows(jobs: List[Tuple[ModelCase, ModelImpl]], device: torch.device, plan: ModelsPlan, res: Results,
+          deadline: Deadline, dname: str, layout: str, log: Callable[[str], None],
+          reserve_s: float = 0.0) -> None:
+    # Network by network, mode by mode, every implementation of a mode together: if the
+    # budget runs out, what was measured still compares implementations like for like.
+    cases = list(dict.fromkeys(c for c, _ in jobs))
+    ordered = [(c, mode, m) for c in cases for mode in plan.modes for c2, m in jobs if c2 == c]
+    for case, mode, mi in ordered:
+        key = dict(suite="models", name=case.net, impl=mi.label, backend=mi.backend,
+                   dtype=dname, layout=layout, shape=case.shape)
+        if mi.compiled and plan.compile_nets is not None and case.net not in plan.compile_nets:
+            res.skip(**key, mode=mode, reason="torch.compile of this network is left out of this run (a "
+                                              "whole-network compilation takes minutes on a small CPU; "
+                                              "the full run compiles it)")
+            continue
+        need = (plan.compile_estimate_s if mi.compiled else 0.0) + reserve_s
+        if deadline.expired(need):
+            res.skip(**key, mode=mode, reason=f"time budget of the models suite ({plan.budget_s:.0f} s) used up")
+            continue
+        t0 = time.perf_counter()
+        try:
+            _one(res, case, mi, mode, device, plan, key)
+            log(f"  {case.net} {case.shape} {mi.label}[{mi.backend}] {mode}: {time.perf_counter() - t0:.1f} s")
+        except Exception as exc:  # one failing row must not end the run
+            msg = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
+            res.skip(**key, mode=mode, reason=msg)
+            log(f"  skipped {case.net} {mi.label}[{mi.backend}] {mode}: {msg[:200]}")
+        finally:
+            _free(device)
+
+
+def _max_batch(device: torch.device, plan: ModelsPlan, res: Results, deadline: Deadline, dname: str,
+               layout: str, log: Callable[[str], None]) -> None:
     if plan.max_batch_net and device.type == "cuda":
         case = ModelCase(plan.max_batch_net, 0, plan.max_batch_input)
         for mi in plan.max_batch_impls:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -120,8 +122,10 @@ def _fused_backends(device: torch.device, requested: Optional[List[str]]) -> Tup
     return run, skipped
 
 
-def run(args: argparse.Namespace, command: str, log: Callable[[str], None] = print) -> Results:
-    """Run the suites that ``args`` asks for and write the outputs; returns the results."""
+def run(args: argparse.Namespace, command: str, log: Callable[[str], None] = print,
+        results: Optional[List[Results]] = None) -> Results:
+    """Run the suites that ``args`` asks for and write the outputs; returns the results
+    (also appended to ``results`` as soon as they exist, for a caller that is interrupted)."""
     from benchmarks import bench_models, bench_ops, report
     from resattn_fast.ops import available_backends
 
@@ -147,6 +151,8 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None] = pri
     nets = _csv_list(args.nets, list(_model_names()), "--nets")
 
     res = Results(device=device, threads=threads, command=command, quick=quick)
+    if results is not None:
+        results.append(res)
     res.info = machine_info(device, threads)
     res.backends = {device.type: available_backends(device)}
     for b, why in skipped.items():
@@ -175,15 +181,21 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None] = pri
             budget_s=args.budget_ops or (150.0 if gpu else 150.0 if quick else None),
         )
         log(f"ops suite: {len(cases)} shapes x {len(dtypes)} dtypes x {len(layouts)} layouts")
-        bench_ops.run_ops(device, plan, res, log=log)
-        res.suites_s["ops"] = time.perf_counter() - t0
+        try:
+            bench_ops.run_ops(device, plan, res, log=log)
+        finally:
+            res.suites_s["ops"] = time.perf_counter() - t0
+        if args.suite == "all":  # a run cut short later still leaves the ops results
+            report.write_outputs(res, args.out)
 
     if args.suite in ("models", "all"):
         t0 = time.perf_counter()
         mplan = _models_plan(args, device, fused, nets, max_time)
         log(f"models suite: {', '.join(c.net + ' ' + c.shape for c in mplan.cases)}")
-        bench_models.run_models(device, mplan, res, log=log)
-        res.suites_s["models"] = time.perf_counter() - t0
+        try:
+            bench_models.run_models(device, mplan, res, log=log)
+        finally:
+            res.suites_s["models"] = time.perf_counter() - t0
 
     res.info["load_end"] = load_average()
     paths = report.write_outputs(res, args.out)
@@ -242,7 +254,7 @@ def _models_plan(args: argparse.Namespace, device: torch.device, fused: List[str
         # The untimed first call already warms up; on a GPU two more settle cuDNN's choices.
         warmup=2 if gpu else 0 if (quick or tiny) else 1, min_reps=2 if (quick or tiny) else 3,
         max_reps=30, max_time_s=(max_time if tiny else 3.0 if gpu else 1.0 if quick else 5.0),
-        budget_s=args.budget_models or (200.0 if gpu else 120.0 if quick else None),
+        budget_s=args.budget_models or (200.0 if gpu else 140.0 if quick else None),
         compile_estimate_s=90.0 if gpu else 5.0 if tiny else 240.0,
         max_batch_net="attention452" if gpu else None,
         max_batch_impls=[ModelImpl("reference", "reference")] + [ModelImpl("fast", b) for b in fused[:1]],
@@ -250,15 +262,45 @@ def _models_plan(args: argparse.Namespace, device: torch.device, fused: List[str
     )
 
 
+class Interrupted(BaseException):
+    """SIGTERM (e.g. from `timeout`): stop measuring, write what was measured. A
+    BaseException, like KeyboardInterrupt, so the per-row ``except Exception`` that keeps
+    one failing row from ending the run does not swallow it."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point: 0 on success, 2 on a usage error, 3 when interrupted
+    (the outputs then hold what was measured so far)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in argv)
+    results: List[Results] = []
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_signal)
     try:
-        run(args, command)
+        run(args, command, results=results)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as exc:
+        if results:
+            from benchmarks import report
+
+            res = results[0]
+            res.notes.append(f"run interrupted ({exc or 'keyboard interrupt'}): the tables hold what was "
+                             "measured before that")
+            res.info["load_end"] = load_average()
+            paths = report.write_outputs(res, args.out)
+            print(f"interrupted; wrote {', '.join(sorted(paths.values()))}", file=sys.stderr)
+        return 3
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -12,7 +12,7 @@ import torch
 
 from resattn_fast.errors import UsageError
 from resattn_fast.train import checkpoint as ckpt_mod
-from resattn_fast.train.data import load_data
+from resattn_fast.train.data import TensorImageDataset, load_data
 from resattn_fast.train.distributed import EpochSampler, ShardSampler
 from resattn_fast.train.recipe import RECIPES, build_optimizer, build_scheduler, lr_factor
 
@@ -110,16 +110,22 @@ def test_digits_split_and_shapes():
 
 
 def test_augmentation_depends_on_seed_epoch_index_only():
-    d = load_data("digits", data_dir=None, image_size=32, seed=0, train_subset=8)
-    d.train.set_epoch(1)
-    a = [d.train[i][0] for i in range(8)]
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    ds = TensorImageDataset(images, torch.arange(8), (0.5,) * 3, (0.25,) * 3, "crop-flip", True, seed=0)
+    ds.set_epoch(1)
+    a = [ds[i][0] for i in range(8)]
     torch.manual_seed(123)  # the global RNG plays no part
-    b = [d.train[i][0] for i in range(8)]
+    b = [ds[i][0] for i in range(8)]
     for u, v in zip(a, b):
         torch.testing.assert_close(u, v, rtol=0, atol=0)
-    d.train.set_epoch(2)
-    c = [d.train[i][0] for i in range(8)]
+    ds.set_epoch(2)
+    c = [ds[i][0] for i in range(8)]
     assert any(not torch.equal(u, v) for u, v in zip(a, c))
+    # pad-4 crop: a shifted copy of the image with zero (normalised: -2) borders
+    raw = (images[0].float() / 255 - 0.5) / 0.25
+    assert any(torch.equal(a[0][:, 4:-4, 4:-4], raw[:, dy:dy + 24, dx:dx + 24]) or
+               torch.equal(a[0][:, 4:-4, 4:-4], raw.flip(2)[:, dy:dy + 24, dx:dx + 24])
+               for dy in range(9) for dx in range(9))
 
 
 def _write_cifar10(root, n_train=20, n_test=10):

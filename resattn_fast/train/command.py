@@ -47,21 +47,35 @@ class TrainingFailed(Exception):
     """The run cannot go on (e.g. the loss diverged); the message says what was kept."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where X says something (not None, not False): the help
+    text of those options explains their default itself."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or isinstance(action, argparse._StoreFalseAction):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `resattn train`."""
+    parser.formatter_class = _HelpFormatter
     parser.description = (
         "Train a Residual Attention Network. Writes RUN_DIR/config.json, metrics.csv, last.pt, "
         "best.pt and curves.png; --resume continues from RUN_DIR/last.pt. Distributed: "
         "torchrun --nproc_per_node=K -m resattn_fast train ... (DDP; --batch-size is global).")
     parser.epilog = (
-        "Defaults: the paper-cifar recipe (Nesterov SGD 0.9, wd 1e-4, batch 64, lr 0.1, divided "
-        "by 10 at 40%% and 60%% of the run's iterations: the paper's 64k/96k of 160k, scaled to "
-        "--epochs). --grad-checkpointing recomputes each block in backward; its batch-norm "
+        "Recipes: Nesterov SGD 0.9, wd 1e-4, batch 64, lr 0.1; paper-cifar divides the lr by 10 "
+        "at 40% and 60% of the run's iterations (the paper's 64k/96k of 160k, scaled to "
+        "--epochs), paper-imagenet at 200k/400k/500k of 530k scaled, cosine decays it to 0. "
+        "--grad-checkpointing recomputes each block in backward; its batch-norm "
         "layers then update their running statistics once per step, as without it. "
         "Exit status: 0 done, 2 usage error, 3 loss became NaN/inf (last good checkpoint kept), "
         "128+N stopped by signal N after saving RUN_DIR/last.pt.")
     g = parser.add_argument_group("what to train")
-    g.add_argument("--model", required=True, help="network name (see resattn_fast.list_models())")
+    from ..models import list_models
+
+    g.add_argument("--model", required=True, help="network: " + ", ".join(list_models()))
     g.add_argument("--data", default="digits", choices=DATASETS,
                    help="data set: digits (scikit-learn's 8x8 digits at 32x32, bundled), "
                         "cifar10/cifar100 (torchvision's on-disk format under --data-dir), "
@@ -82,10 +96,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-size", type=int, default=1024, help="images in --data synthetic")
     r = parser.add_argument_group("recipe")
     r.add_argument("--recipe", default=None, choices=sorted(RECIPES),
-                   help="preset; default: paper-imagenet for 224-pixel models, else paper-cifar")
+                   help="preset (Nesterov SGD 0.9, wd 1e-4, batch 64, lr 0.1); paper-cifar and "
+                        "paper-imagenet: the paper's step schedules scaled to --epochs; cosine: "
+                        "cosine decay. Default: paper-cifar for cifar10/100, paper-imagenet for "
+                        "imagefolder, cosine for digits and synthetic")
     r.add_argument("--lr", type=float, default=None, help="base learning rate (default: recipe's 0.1)")
     r.add_argument("--schedule", default=None, choices=SCHEDULES,
-                   help="lr schedule per iteration (default: recipe's: step)")
+                   help="lr schedule per iteration (default: the recipe's)")
     r.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear lr warm-up length (default: recipe's: 0)")
     r.add_argument("--momentum", type=float, default=None, help="default: recipe's 0.9")
@@ -102,7 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block in backward: less memory, ~30%% more compute")
+                   help="recompute each block in backward: less activation memory for one more "
+                        "forward pass per step (batch-norm running statistics still update once)")
     p.add_argument("--sync-bn", action="store_true",
                    help="with torchrun: batch-norm statistics over the global batch")
     p.add_argument("--workers", type=int, default=None,
@@ -182,8 +200,18 @@ def _check_backend(args: argparse.Namespace, device: torch.device) -> None:
         raise UsageError(f"--backend: {exc}") from None
 
 
+def default_recipe(data: str, input_size: int) -> str:
+    """paper-cifar for CIFAR, paper-imagenet for image folders (and 224-pixel models on
+    CIFAR-like data), cosine for the short digits and synthetic runs."""
+    if data in ("digits", "synthetic"):
+        return "cosine"
+    if data == "imagefolder" or input_size >= 128:
+        return "paper-imagenet"
+    return "paper-cifar"
+
+
 def _resolve_recipe(args: argparse.Namespace, input_size: int) -> Dict[str, Any]:
-    name = args.recipe or ("paper-imagenet" if input_size >= 128 else "paper-cifar")
+    name = args.recipe or default_recipe(args.data, input_size)
     rc = RECIPES[name]
     return {
         "recipe": name,

@@ -155,8 +155,15 @@ def _one(res: Results, case: ModelCase, mi: ModelImpl, mode: str, device: torch.
         def fn() -> None:
             with torch.no_grad(), _autocast(device, amp):
                 run(x)
+    params = list(model.parameters()) + list(model.buffers())
+    # Activations kept for backward (training): counted during the first, untimed step of
+    # an eager model; a compiled one is counted in a separate forward after compilation,
+    # so that the hooks do not take part in what Dynamo traces.
+    count_first = mode == "train" and not mi.compiled
     t0 = time.perf_counter()
-    fn()  # the first call compiles (for +compile) and is not a warmup that counts
+    counter = saved_tensor_bytes(exclude=params) if count_first else contextlib.nullcontext({})
+    with counter as saved:
+        fn()  # the first call compiles (for +compile) and is not a warmup that counts
     synchronize(device)
     first_s = time.perf_counter() - t0
     if device.type == "cuda":
@@ -170,12 +177,12 @@ def _one(res: Results, case: ModelCase, mi: ModelImpl, mode: str, device: torch.
         peak = float(torch.cuda.max_memory_allocated(device))
         res.add(**common, metric="peak_memory", unit="bytes", median=peak, p20=peak, p80=peak)
     if mode == "train":
-        model.train()
-        params = list(model.parameters()) + list(model.buffers())
-        with saved_tensor_bytes(exclude=params) as saved:
-            with _autocast(device, amp):
-                out = run(x)
-        del out
+        if not count_first:
+            model.train()
+            with saved_tensor_bytes(exclude=params) as saved:
+                with _autocast(device, amp):
+                    loss = F.cross_entropy(run(x), y)
+            del loss
         v = float(saved["bytes"])
         res.add(**common, metric="saved_bytes", unit="bytes", median=v, p20=v, p80=v)
 
@@ -213,6 +220,7 @@ def _rows(jobs: List[Tuple[ModelCase, ModelImpl]], device: torch.device, plan: M
     # budget runs out, what was measured still compares implementations like for like.
     cases = list(dict.fromkeys(c for c, _ in jobs))
     ordered = [(c, mode, m) for c in cases for mode in plan.modes for c2, m in jobs if c2 == c]
+    took: dict = {}  # (network, mode) -> seconds of the rows measured so far
     for case, mode, mi in ordered:
         key = dict(suite="models", name=case.net, impl=mi.label, backend=mi.backend,
                    dtype=dname, layout=layout, shape=case.shape)
@@ -221,13 +229,20 @@ def _rows(jobs: List[Tuple[ModelCase, ModelImpl]], device: torch.device, plan: M
                                               "whole-network compilation takes minutes on a small CPU; "
                                               "the full run compiles it)")
             continue
-        need = (plan.compile_estimate_s if mi.compiled else 0.0) + reserve_s
+        # A row is started only if the time it will likely take is left: the slowest row
+        # of this network and mode so far, else the mean of all rows so far.
+        same = took.get((case.net, mode), [])
+        every = [t for ts in took.values() for t in ts]
+        likely = max(same) if same else (sum(every) / len(every) if every else 0.0)
+        need = (plan.compile_estimate_s if mi.compiled else likely) + reserve_s
         if deadline.expired(need):
             res.skip(**key, mode=mode, reason=f"time budget of the models suite ({plan.budget_s:.0f} s) used up")
             continue
         t0 = time.perf_counter()
         try:
             _one(res, case, mi, mode, device, plan, key)
+            if not mi.compiled:
+                took.setdefault((case.net, mode), []).append(time.perf_counter() - t0)
             log(f"  {case.net} {case.shape} {mi.label}[{mi.backend}] {mode}: {time.perf_counter() - t0:.1f} s")
         except Exception as exc:  # one failing row must not end the run
             msg = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]

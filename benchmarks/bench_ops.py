@@ -139,6 +139,8 @@ class OpsPlan:
     # Rows beyond the headline that still get torch.compile: None = all; else a dtype filter.
     compile_dtypes_beyond_headline: Optional[List[torch.dtype]] = None
     modes_beyond_headline: Sequence[str] = MODES
+    # dtypes measured beyond the headline shapes (None: all of ``dtypes``).
+    dtypes_beyond_headline: Optional[List[torch.dtype]] = None
     warmup: int = 2
     min_reps: int = 5
     max_reps: int = 200
@@ -211,8 +213,11 @@ def _bytes(case: OpCase, mode: str, elsize: int) -> int:
 
 
 def _tolerances(dtype: torch.dtype) -> Dict[str, float]:
+    # A guard against timing a broken kernel, not a precision test (tests/ does that): eager
+    # half-precision rounds after every op, the fused kernels once, so they differ by a
+    # few ulps (bfloat16: 2**-8 relative).
     if dtype in (torch.float16, torch.bfloat16):
-        return {"rtol": 2e-2, "atol": 2e-2}
+        return {"rtol": 5e-2, "atol": 5e-2}
     return {"rtol": 1e-4, "atol": 1e-4}
 
 
@@ -281,7 +286,9 @@ def run_ops(device: torch.device, plan: OpsPlan, res: Results, log: Callable[[st
 
     # Headline shapes in every dtype come first: under a time budget they must be measured.
     order = [(c, d) for d in plan.dtypes for c in plan.cases if c.headline]
-    order += [(c, d) for d in plan.dtypes for c in plan.cases if not c.headline]
+    rest = plan.dtypes if plan.dtypes_beyond_headline is None else \
+        [d for d in plan.dtypes if d in plan.dtypes_beyond_headline]
+    order += [(c, d) for d in rest for c in plan.cases if not c.headline]
     for case, dtype in order:
         dname = DTYPE_NAMES[dtype]
         for layout in plan.layouts:

@@ -70,11 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch of the 224x224 networks (default 64 on GPU, 4 on CPU, 2 with --quick); "
                         "the 32x32 networks take twice as many (default 128 on GPU, 16 on CPU, 8 with --quick)")
     p.add_argument("--max-time", type=float, default=None,
-                   help="seconds of repetitions per measurement (default 1.0 CPU, 0.25 GPU, 0.3 --quick)")
+                   help="seconds of repetitions per implementation and measurement "
+                        "(default 1.0 CPU, 0.3 CPU --quick, 0.1 GPU)")
     p.add_argument("--budget-ops", type=float, default=None,
-                   help="seconds for the whole ops suite; rows past it are recorded as skipped")
+                   help="seconds for the whole ops suite; rows past it are recorded as skipped "
+                        "(default 140 on GPU, 120 with --quick, none otherwise)")
     p.add_argument("--budget-models", type=float, default=None,
-                   help="seconds for the whole models suite; rows past it are recorded as skipped")
+                   help="seconds for the whole models suite; rows past it are recorded as skipped "
+                        "(default 180 on GPU, 120 with --quick, none otherwise)")
     p.add_argument("--tiny", action="store_true",
                    help="smoke test: tiny op shapes and tiny batches (used by the tests; numbers meaningless)")
     return p
@@ -160,7 +163,7 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None] = pri
     log(f"device: {res.info['device']}; threads {threads}; fused backends: {', '.join(fused) or 'none'}"
         + (f"; left out: {', '.join(skipped)}" if skipped else ""))
 
-    max_time = args.max_time or (0.05 if tiny else 0.3 if quick else (0.25 if gpu else 1.0))
+    max_time = args.max_time or (0.05 if tiny else 0.1 if gpu else 0.3 if quick else 1.0)
     if args.suite in ("ops", "all"):
         t0 = time.perf_counter()
         batch = args.batch or (2 if tiny else 64 if gpu else 8)
@@ -174,11 +177,14 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None] = pri
             # --quick on the CPU compiles the headline shapes only.
             compile_dtypes_beyond_headline=([] if quick else [torch.bfloat16] if gpu else None),
             modes_beyond_headline=(("fwd", "fwd+bwd") if quick else bench_ops.MODES),
+            # On a GPU float16 is timed at the headline shapes only (bfloat16 is the AMP
+            # dtype the networks train in; float32 everywhere as the baseline).
+            dtypes_beyond_headline=([torch.bfloat16, torch.float32] if gpu and args.dtypes is None else None),
             warmup=1 if (quick or tiny) else (5 if gpu else 2),
             min_reps=3 if (quick or tiny) else (10 if gpu else 5),
             max_reps=200 if gpu else 100,
             max_time_s=max_time,
-            budget_s=args.budget_ops or (150.0 if gpu else 150.0 if quick else None),
+            budget_s=args.budget_ops or (140.0 if gpu else 120.0 if quick else None),
         )
         log(f"ops suite: {len(cases)} shapes x {len(dtypes)} dtypes x {len(layouts)} layouts")
         try:
@@ -239,7 +245,9 @@ def _models_plan(args: argparse.Namespace, device: torch.device, fused: List[str
                 128 if gpu else 2 if tiny else 8 if quick else 16)
         cases.append(ModelCase(net, b, size))
     impls = [ModelImpl("reference", "reference")]
-    impls += [ModelImpl("fast", b) for b in fused]
+    # On a GPU the networks run the first (fastest) fused backend only: the ops suite
+    # compares the backends, and every network row costs seconds of the time budget.
+    impls += [ModelImpl("fast", b) for b in (fused[:1] if gpu else fused)]
     compile_nets: Optional[List[str]] = None
     if not args.no_compile:
         impls += [ModelImpl("reference", "reference", compiled=True)]
@@ -253,12 +261,12 @@ def _models_plan(args: argparse.Namespace, device: torch.device, fused: List[str
         amp_dtype=torch.bfloat16 if gpu else None, channels_last=gpu,
         # The untimed first call already warms up; on a GPU two more settle cuDNN's choices.
         warmup=2 if gpu else 0 if (quick or tiny) else 1, min_reps=2 if (quick or tiny) else 3,
-        max_reps=30, max_time_s=(max_time if tiny else 3.0 if gpu else 1.0 if quick else 5.0),
-        budget_s=args.budget_models or (200.0 if gpu else 140.0 if quick else None),
-        compile_estimate_s=90.0 if gpu else 5.0 if tiny else 240.0,
+        max_reps=30, max_time_s=(max_time if tiny else 1.5 if gpu else 1.0 if quick else 5.0),
+        budget_s=args.budget_models or (180.0 if gpu else 120.0 if quick else None),
+        compile_estimate_s=60.0 if gpu else 5.0 if tiny else 240.0,
         max_batch_net="attention452" if gpu else None,
         max_batch_impls=[ModelImpl("reference", "reference")] + [ModelImpl("fast", b) for b in fused[:1]],
-        max_batch_limit_s=25.0,
+        max_batch_limit_s=20.0,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -154,13 +154,29 @@ class ShardSampler(Sampler[int]):
         return max(0, math.ceil((self.size - self.rank) / self.num_replicas))
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum): every rank's output depends on every rank's input,
+    so the gradient of an input is the all-reduced sum of the output gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+        ctx.group = group
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[torch.Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
 class GroupSyncBatchNorm(tnn.BatchNorm2d):
     """Batch norm whose training statistics are taken over the whole global batch, on any
     device and process-group backend (torch's SyncBatchNorm runs on GPUs only; this one
     is what ``--sync-bn`` uses on the CPU with gloo).
 
-    Per-channel sum, sum of squares and count are all-reduced with the differentiable
-    ``torch.distributed.nn.functional.all_reduce``, so the backward pass is exact too.
+    Per-channel sum, sum of squares and count are all-reduced with a differentiable
+    all-reduce, so the backward pass is exact too.
     Statistics are accumulated in float64. Input (N, C, H, W), any memory format.
     """
 
@@ -169,13 +185,11 @@ class GroupSyncBatchNorm(tnn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce as diff_all_reduce
-
         self._check_input_dim(x)
         xs = x.double()
         count = torch.full((1,), x.numel() / x.shape[1], dtype=torch.float64, device=x.device)
         stats = torch.cat([xs.sum(dim=(0, 2, 3)), (xs * xs).sum(dim=(0, 2, 3)), count])
-        stats = diff_all_reduce(stats, group=self.process_group or dist.group.WORLD)
+        stats = _AllReduceSum.apply(stats, self.process_group)
         c = x.shape[1]
         n = stats[2 * c]
         mean = stats[:c] / n

@@ -16,6 +16,7 @@ def plot_curves(history: List[Dict[str, float]], path: str, title: str = "") -> 
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [int(r["epoch"]) for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
@@ -33,6 +34,8 @@ def plot_curves(history: List[Dict[str, float]], path: str, title: str = "") -> 
         ax_acc.set_ylim(0, 1)
         ax_acc.legend()
         ax_acc.grid(alpha=0.3)
+        for ax in (ax_loss, ax_acc):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if title:
             fig.suptitle(title)
         fig.tight_layout()

@@ -33,19 +33,27 @@ void attention_forward_typed(const AttentionForwardArgs& a) {
   const auto* m = static_cast<const scalar_t*>(a.mask_logits);
   const auto* f = static_cast<const scalar_t*>(a.trunk);
   auto* out = static_cast<scalar_t*>(a.out);
+  const bool stream = want_stream(a.n * static_cast<int64_t>(sizeof(scalar_t)));
   at::parallel_for(0, a.n, kAttentionGrain, [&](int64_t begin, int64_t end) {
     const Vec one(1);
-    int64_t i = begin;
+    const int64_t head = stream ? align_index(out, begin, end) : begin;
+    for (int64_t i = begin; i < head; ++i) {
+      out[i] = static_cast<scalar_t>(resattn::attention_residual_forward<acc_t>(
+          static_cast<acc_t>(m[i]), static_cast<acc_t>(f[i])));
+    }
+    int64_t i = head;
     for (; i + kChunk <= end; i += kChunk) {
       Vec m0, m1, f0, f1;
       IO::load(m + i, m0, m1);
       IO::load(f + i, f0, f1);
-      IO::store(out + i, (one + sigmoid_vec(m0)) * f0, (one + sigmoid_vec(m1)) * f1);
+      store_chunk<scalar_t>(out + i, (one + sigmoid_vec(m0)) * f0, (one + sigmoid_vec(m1)) * f1,
+                            stream);
     }
     for (; i < end; ++i) {
       out[i] = static_cast<scalar_t>(resattn::attention_residual_forward<acc_t>(
           static_cast<acc_t>(m[i]), static_cast<acc_t>(f[i])));
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -60,9 +68,21 @@ void attention_backward_typed(const AttentionBackwardArgs& a) {
   const auto* f = static_cast<const scalar_t*>(a.trunk);
   auto* gm = static_cast<scalar_t*>(a.grad_mask_logits);
   auto* gf = static_cast<scalar_t*>(a.grad_trunk);
+  const bool stream = want_stream(a.n * static_cast<int64_t>(sizeof(scalar_t)));
   at::parallel_for(0, a.n, kAttentionGrain, [&](int64_t begin, int64_t end) {
     const Vec one(1);
-    int64_t i = begin;
+    // gm and gf are both fresh allocations (64-byte aligned), so one offset aligns both.
+    const int64_t head = stream ? align_index(gf, begin, end) : begin;
+    auto scalar = [&](int64_t i) {
+      acc_t grad_m, grad_f;
+      resattn::attention_residual_backward<acc_t>(static_cast<acc_t>(g[i]),
+                                                  static_cast<acc_t>(m[i]),
+                                                  static_cast<acc_t>(f[i]), &grad_m, &grad_f);
+      gm[i] = static_cast<scalar_t>(grad_m);
+      gf[i] = static_cast<scalar_t>(grad_f);
+    };
+    for (int64_t i = begin; i < head; ++i) scalar(i);
+    int64_t i = head;
     for (; i + kChunk <= end; i += kChunk) {
       Vec g0, g1, m0, m1, f0, f1;
       IO::load(g + i, g0, g1);
@@ -70,17 +90,11 @@ void attention_backward_typed(const AttentionBackwardArgs& a) {
       IO::load(f + i, f0, f1);
       const Vec s0 = sigmoid_vec(m0);
       const Vec s1 = sigmoid_vec(m1);
-      IO::store(gf + i, g0 * (one + s0), g1 * (one + s1));
-      IO::store(gm + i, g0 * f0 * s0 * (one - s0), g1 * f1 * s1 * (one - s1));
+      store_chunk<scalar_t>(gf + i, g0 * (one + s0), g1 * (one + s1), stream);
+      store_chunk<scalar_t>(gm + i, g0 * f0 * s0 * (one - s0), g1 * f1 * s1 * (one - s1), stream);
     }
-    for (; i < end; ++i) {
-      acc_t grad_m, grad_f;
-      resattn::attention_residual_backward<acc_t>(static_cast<acc_t>(g[i]),
-                                                  static_cast<acc_t>(m[i]),
-                                                  static_cast<acc_t>(f[i]), &grad_m, &grad_f);
-      gm[i] = static_cast<scalar_t>(grad_m);
-      gf[i] = static_cast<scalar_t>(grad_f);
-    }
+    for (; i < end; ++i) scalar(i);
+    if (stream) stream_fence();
   });
 }
 

@@ -72,8 +72,7 @@ void upsample_forward_nchw(const UpsampleForwardArgs& a) {
         const Vec v1(wy1[oy]);
         scalar_t* orow = op + oy * W;
         const scalar_t* srow = sp != nullptr ? sp + oy * W : nullptr;
-        for (int64_t i = 0; i < W; i += kChunk) {
-          const int64_t n = std::min<int64_t>(kChunk, W - i);
+        for_each_chunk<kChunk>(W, [&](int64_t i, int64_t n) {
           Vec a0, a1, b0, b1;
           AccIO<acc_t>::load(r0 + i, n, a0, a1);
           AccIO<acc_t>::load(r1 + i, n, b0, b1);
@@ -89,12 +88,14 @@ void upsample_forward_nchw(const UpsampleForwardArgs& a) {
             o0 = o0 + s0;
             o1 = o1 + s1;
           }
+          // Ordinary stores: rows are rarely whole cache lines, and the overlapping last
+          // chunk rewrites part of one (see store_chunk for why streaming needs both).
           if (n == kChunk) {
             IO::store(orow + i, o0, o1);
           } else {
             IO::store(orow + i, n, o0, o1);
           }
-        }
+        });
       }
     }
   });
@@ -118,6 +119,9 @@ void upsample_forward_cl(const UpsampleForwardArgs& a) {
   const auto* wx0 = static_cast<const acc_t*>(a.cols.w0);
   const auto* wx1 = static_cast<const acc_t*>(a.cols.w1);
 
+  // Stream only when every chunk is a whole, non-overlapping run of the pixel's channels.
+  const bool stream =
+      C % kChunk == 0 && want_stream(a.N * C * H * W * static_cast<int64_t>(sizeof(scalar_t)));
   at::parallel_for(0, a.N * H, grain_for(W * C), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t nb = row / H, oy = row % H;
@@ -136,42 +140,36 @@ void upsample_forward_cl(const UpsampleForwardArgs& a) {
           return at::vec::fmadd(vy1, at::vec::fmadd(vx1, p11, vx0 * p10),
                                 vy0 * at::vec::fmadd(vx1, p01, vx0 * p00));
         };
-        int64_t c = 0;
-        for (; c + kChunk <= C; c += kChunk) {
-          Vec p00a, p00b, p01a, p01b, p10a, p10b, p11a, p11b;
-          IO::load(xr0 + c0 + c, p00a, p00b);
-          IO::load(xr0 + c1 + c, p01a, p01b);
-          IO::load(xr1 + c0 + c, p10a, p10b);
-          IO::load(xr1 + c1 + c, p11a, p11b);
+        for_each_chunk<kChunk>(C, [&](int64_t c, int64_t n) {
+          Vec p00a, p00b, p01a, p01b, p10a, p10b, p11a, p11b, s0, s1;
+          if (n == kChunk) {
+            IO::load(xr0 + c0 + c, p00a, p00b);
+            IO::load(xr0 + c1 + c, p01a, p01b);
+            IO::load(xr1 + c0 + c, p10a, p10b);
+            IO::load(xr1 + c1 + c, p11a, p11b);
+            if (sp != nullptr) IO::load(sp + c, s0, s1);
+          } else {
+            IO::load(xr0 + c0 + c, n, p00a, p00b);
+            IO::load(xr0 + c1 + c, n, p01a, p01b);
+            IO::load(xr1 + c0 + c, n, p10a, p10b);
+            IO::load(xr1 + c1 + c, n, p11a, p11b);
+            if (sp != nullptr) IO::load(sp + c, n, s0, s1);
+          }
           Vec o0 = blend(p00a, p01a, p10a, p11a);
           Vec o1 = blend(p00b, p01b, p10b, p11b);
           if (sp != nullptr) {
-            Vec s0, s1;
-            IO::load(sp + c, s0, s1);
             o0 = o0 + s0;
             o1 = o1 + s1;
           }
-          IO::store(op + c, o0, o1);
-        }
-        if (c < C) {
-          const int64_t n = C - c;
-          Vec p00a, p00b, p01a, p01b, p10a, p10b, p11a, p11b;
-          IO::load(xr0 + c0 + c, n, p00a, p00b);
-          IO::load(xr0 + c1 + c, n, p01a, p01b);
-          IO::load(xr1 + c0 + c, n, p10a, p10b);
-          IO::load(xr1 + c1 + c, n, p11a, p11b);
-          Vec o0 = blend(p00a, p01a, p10a, p11a);
-          Vec o1 = blend(p00b, p01b, p10b, p11b);
-          if (sp != nullptr) {
-            Vec s0, s1;
-            IO::load(sp + c, n, s0, s1);
-            o0 = o0 + s0;
-            o1 = o1 + s1;
+          if (n == kChunk) {
+            store_chunk<scalar_t>(op + c, o0, o1, stream);
+          } else {
+            IO::store(op + c, n, o0, o1);
           }
-          IO::store(op + c, n, o0, o1);
-        }
+        });
       }
     }
+    if (stream) stream_fence();
   });
 }
 
@@ -206,8 +204,7 @@ void upsample_backward_nchw(const UpsampleBackwardArgs& a) {
           std::fill(orow, orow + w, static_cast<scalar_t>(0));
           continue;
         }
-        for (int64_t i = 0; i < W; i += kChunk) {
-          const int64_t n = std::min<int64_t>(kChunk, W - i);
+        for_each_chunk<kChunk>(W, [&](int64_t i, int64_t n) {
           Vec s0(acc_t(0)), s1(acc_t(0));
           for (int64_t oy = lo; oy < hi; ++oy) {
             const Vec wv(wk[oy - lo]);
@@ -221,7 +218,7 @@ void upsample_backward_nchw(const UpsampleBackwardArgs& a) {
             s1 = at::vec::fmadd(wv, g1, s1);
           }
           AccIO<acc_t>::store(vrow.data() + i, n, s0, s1);
-        }
+        });
         for (int64_t ix = 0; ix < w; ++ix) {
           const int64_t xlo = a.cols.lo[ix], xhi = a.cols.hi[ix];
           const acc_t* wc = wx + a.cols.off[ix];
@@ -263,8 +260,7 @@ void upsample_backward_cl(const UpsampleBackwardArgs& a) {
         continue;
       }
       const scalar_t* gbase = grad + nb * H * row_len;
-      for (int64_t i = 0; i < row_len; i += kChunk) {
-        const int64_t n = std::min<int64_t>(kChunk, row_len - i);
+      for_each_chunk<kChunk>(row_len, [&](int64_t i, int64_t n) {
         Vec s0(acc_t(0)), s1(acc_t(0));
         for (int64_t oy = lo; oy < hi; ++oy) {
           const Vec wv(wk[oy - lo]);
@@ -278,13 +274,12 @@ void upsample_backward_cl(const UpsampleBackwardArgs& a) {
           s1 = at::vec::fmadd(wv, g1, s1);
         }
         AccIO<acc_t>::store(vbuf.data() + i, n, s0, s1);
-      }
+      });
       for (int64_t ix = 0; ix < w; ++ix) {
         const int64_t xlo = a.cols.lo[ix], xhi = a.cols.hi[ix];
         const acc_t* wc = wx + a.cols.off[ix];
         scalar_t* op = orow + ix * C;
-        for (int64_t c = 0; c < C; c += kChunk) {
-          const int64_t n = std::min<int64_t>(kChunk, C - c);
+        for_each_chunk<kChunk>(C, [&](int64_t c, int64_t n) {
           Vec s0(acc_t(0)), s1(acc_t(0));
           for (int64_t ox = xlo; ox < xhi; ++ox) {
             const Vec wv(wc[ox - xlo]);
@@ -298,7 +293,7 @@ void upsample_backward_cl(const UpsampleBackwardArgs& a) {
           } else {
             IO::store(op + c, n, s0, s1);
           }
-        }
+        });
       }
     }
   });

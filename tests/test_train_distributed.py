@@ -126,3 +126,18 @@ def test_torchrun_cpu_two_processes(tmp_path):
     assert len(lines) == 2
     cfg = torch.load(run / "last.pt", weights_only=True)["config"]
     assert cfg["world_size"] == 2 and cfg["local_batch"] == 8
+
+
+@pytest.mark.slow
+def test_torchrun_user_error_reported_once(tmp_path):
+    """Every rank exits with status 2; only rank 0 prints the one-line message (torchrun
+    then adds its own failure report and exits 1)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "resattn_fast", "train", "--model", "attention56_cifar", "--data", "cifar10",
+           "--out", str(tmp_path / "run")]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert res.returncode != 0
+    assert res.stderr.count("resattn train: error: --data cifar10 needs --data-dir") == 1, res.stderr
+    assert res.stderr.count("exitcode  : 2") == 2, res.stderr

@@ -40,6 +40,9 @@ namespace {
 
 // Shared memory a block may use for the backward's axis tables without opting in.
 constexpr int64_t kMaxTableBytes = 48 * 1024;
+// The backward's gather loops would otherwise take 70-96 registers a thread (3 blocks of
+// 256 per SM); capping them at 64 keeps 4 blocks resident for more loads in flight.
+constexpr int kBackwardBlocksPerSM = 4;
 
 // One spatial axis of the interpolation (input size -> output size), with optional
 // block-shared tables of its output ranges (per input index) and taps (per output index).
@@ -49,7 +52,7 @@ struct Axis {
   int64_t out_size;
   acc_t scale;
   bool align_corners;
-  bool tabled;
+  bool tabled;  // host-side choice; kernels take it as the template flag kTabled
   int32_t* lo;  // [in_size]  first output index reading input j
   int32_t* hi;  // [in_size]  one past the last
   int32_t* i0;  // [out_size] taps of output o
@@ -57,8 +60,9 @@ struct Axis {
   acc_t* w0;
   acc_t* w1;
 
+  template <bool kTabled>
   __device__ __forceinline__ void range(int64_t j, int64_t* a, int64_t* b) const {
-    if (tabled) {
+    if constexpr (kTabled) {
       *a = lo[j];
       *b = hi[j];
     } else {
@@ -67,9 +71,10 @@ struct Axis {
   }
 
   // Weight with which output o reads input j.
+  template <bool kTabled>
   __device__ __forceinline__ acc_t weight(int64_t o, int64_t j) const {
     LinearTap<acc_t> tap;
-    if (tabled) {
+    if constexpr (kTabled) {
       tap.i0 = i0[o];
       tap.i1 = i1[o];
       tap.w0 = w0[o];
@@ -118,9 +123,9 @@ int64_t table_bytes(const Axis<acc_t>& ay, const Axis<acc_t>& ax) {
 
 // Points both axes' tables into dynamic shared memory and fills them (all threads of the
 // block must call this: it synchronises).
-template <typename acc_t>
-__device__ void setup_tables(Axis<acc_t>& ay, Axis<acc_t>& ax, unsigned char* smem) {
-  if (!ay.tabled) return;  // uniform over the grid
+template <typename acc_t, bool kTabled>
+__device__ __forceinline__ void setup_tables(Axis<acc_t>& ay, Axis<acc_t>& ax, unsigned char* smem) {
+  if constexpr (!kTabled) return;
   acc_t* a = reinterpret_cast<acc_t*>(smem);
   ay.w0 = a; a += ay.out_size;
   ay.w1 = a; a += ay.out_size;
@@ -227,15 +232,15 @@ __global__ void upsample_forward_cl_kernel(const scalar_t* __restrict__ x,
 
 // --------------------------------------------------------------------------- backward
 // NCHW: item i is input element i of the flat (N*C, h, w) grad_x.
-template <typename scalar_t, typename index_t>
-__global__ void upsample_backward_nchw_kernel(const scalar_t* __restrict__ grad,
+template <typename scalar_t, typename index_t, bool kTabled>
+__global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM) upsample_backward_nchw_kernel(const scalar_t* __restrict__ grad,
                                               scalar_t* __restrict__ grad_x, int64_t items,
                                               index_t h, index_t w, index_t H, index_t W,
                                               Axis<at::opmath_type<scalar_t>> ay,
                                               Axis<at::opmath_type<scalar_t>> ax) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char resattn_smem[];
-  setup_tables<acc_t>(ay, ax, resattn_smem);
+  setup_tables<acc_t, kTabled>(ay, ax, resattn_smem);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
        i += stride) {
@@ -245,16 +250,16 @@ __global__ void upsample_backward_nchw_kernel(const scalar_t* __restrict__ grad,
     const index_t iy = t % h;
     const index_t plane = t / h;
     int64_t ylo, yhi, xlo, xhi;
-    ay.range(iy, &ylo, &yhi);
-    ax.range(ix, &xlo, &xhi);
+    ay.template range<kTabled>(iy, &ylo, &yhi);
+    ax.template range<kTabled>(ix, &xlo, &xhi);
     const scalar_t* gp = grad + plane * H * W;
     acc_t sum = 0;
     for (index_t oy = static_cast<index_t>(ylo); oy < static_cast<index_t>(yhi); ++oy) {
-      const acc_t wy = ay.weight(oy, iy);
+      const acc_t wy = ay.template weight<kTabled>(oy, iy);
       const scalar_t* row = gp + oy * W;
       acc_t row_sum = 0;
       for (index_t ox = static_cast<index_t>(xlo); ox < static_cast<index_t>(xhi); ++ox) {
-        row_sum += ax.weight(ox, ix) * static_cast<acc_t>(row[ox]);
+        row_sum += ax.template weight<kTabled>(ox, ix) * static_cast<acc_t>(row[ox]);
       }
       sum += wy * row_sum;
     }
@@ -263,8 +268,8 @@ __global__ void upsample_backward_nchw_kernel(const scalar_t* __restrict__ grad,
 }
 
 // channels_last: item li covers channels [cv*VEC, cv*VEC + VEC) of one input pixel.
-template <typename scalar_t, typename index_t, int VEC>
-__global__ void upsample_backward_cl_kernel(const scalar_t* __restrict__ grad,
+template <typename scalar_t, typename index_t, int VEC, bool kTabled>
+__global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM) upsample_backward_cl_kernel(const scalar_t* __restrict__ grad,
                                             scalar_t* __restrict__ grad_x, int64_t items,
                                             index_t C, index_t h, index_t w, index_t H,
                                             index_t W, Axis<at::opmath_type<scalar_t>> ay,
@@ -272,7 +277,7 @@ __global__ void upsample_backward_cl_kernel(const scalar_t* __restrict__ grad,
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
   extern __shared__ __align__(16) unsigned char resattn_smem[];
-  setup_tables<acc_t>(ay, ax, resattn_smem);
+  setup_tables<acc_t, kTabled>(ay, ax, resattn_smem);
   const index_t cvs = C / VEC;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
@@ -285,16 +290,16 @@ __global__ void upsample_backward_cl_kernel(const scalar_t* __restrict__ grad,
     const index_t iy = t % h;
     const index_t n = t / h;
     int64_t ylo, yhi, xlo, xhi;
-    ay.range(iy, &ylo, &yhi);
-    ax.range(ix, &xlo, &xhi);
+    ay.template range<kTabled>(iy, &ylo, &yhi);
+    ax.template range<kTabled>(ix, &xlo, &xhi);
     const scalar_t* gn = grad + n * H * W * C + cv * VEC;
     acc_t acc[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) acc[k] = 0;
     for (index_t oy = static_cast<index_t>(ylo); oy < static_cast<index_t>(yhi); ++oy) {
-      const acc_t wy = ay.weight(oy, iy);
+      const acc_t wy = ay.template weight<kTabled>(oy, iy);
       for (index_t ox = static_cast<index_t>(xlo); ox < static_cast<index_t>(xhi); ++ox) {
-        const acc_t wgt = wy * ax.weight(ox, ix);
+        const acc_t wgt = wy * ax.template weight<kTabled>(ox, ix);
         const vec_t gv = *reinterpret_cast<const vec_t*>(gn + (oy * W + ox) * C);
 #pragma unroll
         for (int k = 0; k < VEC; ++k) acc[k] += wgt * static_cast<acc_t>(gv.val[k]);
@@ -308,6 +313,18 @@ __global__ void upsample_backward_cl_kernel(const scalar_t* __restrict__ grad,
 }
 
 // ------------------------------------------------------------------------------- host
+// Runs `body` with constexpr bool `kTabled` (axis tables in shared memory, or in-thread).
+#define RESATTN_DISPATCH_TABLED(tabled, ...) \
+  [&] {                                      \
+    if (tabled) {                            \
+      constexpr bool kTabled = true;         \
+      return __VA_ARGS__();                  \
+    } else {                                 \
+      constexpr bool kTabled = false;        \
+      return __VA_ARGS__();                  \
+    }                                        \
+  }()
+
 at::Tensor upsample_bilinear_add_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& skip_in,
                                       at::IntArrayRef size, bool align_corners) {
   check_upsample_args(x_in, skip_in, size);
@@ -391,23 +408,27 @@ at::Tensor upsample_bilinear_add_backward_cuda(const at::Tensor& grad_in, at::In
           const bool vec = C % kVec == 0 && aligned16(gp) && aligned16(gxp);
           RESATTN_DISPATCH_VEC(vec, [&] {
             RESATTN_DISPATCH_INDEX(use32, [&] {
-              const int64_t items = N * h * w * (C / VEC);
-              upsample_backward_cl_kernel<scalar_t, index_t, VEC>
-                  <<<num_blocks(items), kThreads, smem, stream>>>(
-                      gp, gxp, items, static_cast<index_t>(C), static_cast<index_t>(h),
-                      static_cast<index_t>(w), static_cast<index_t>(H), static_cast<index_t>(W),
-                      ay, ax);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              RESATTN_DISPATCH_TABLED(ay.tabled, [&] {
+                const int64_t items = N * h * w * (C / VEC);
+                upsample_backward_cl_kernel<scalar_t, index_t, VEC, kTabled>
+                    <<<num_blocks(items), kThreads, smem, stream>>>(
+                        gp, gxp, items, static_cast<index_t>(C), static_cast<index_t>(h),
+                        static_cast<index_t>(w), static_cast<index_t>(H),
+                        static_cast<index_t>(W), ay, ax);
+                C10_CUDA_KERNEL_LAUNCH_CHECK();
+              });
             });
           });
         } else {
           RESATTN_DISPATCH_INDEX(use32, [&] {
-            const int64_t items = N * C * h * w;
-            upsample_backward_nchw_kernel<scalar_t, index_t>
-                <<<num_blocks(items), kThreads, smem, stream>>>(
-                    gp, gxp, items, static_cast<index_t>(h), static_cast<index_t>(w),
-                    static_cast<index_t>(H), static_cast<index_t>(W), ay, ax);
-            C10_CUDA_KERNEL_LAUNCH_CHECK();
+            RESATTN_DISPATCH_TABLED(ay.tabled, [&] {
+              const int64_t items = N * C * h * w;
+              upsample_backward_nchw_kernel<scalar_t, index_t, kTabled>
+                  <<<num_blocks(items), kThreads, smem, stream>>>(
+                      gp, gxp, items, static_cast<index_t>(h), static_cast<index_t>(w),
+                      static_cast<index_t>(H), static_cast<index_t>(W), ay, ax);
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
           });
         }
       });

@@ -66,6 +66,15 @@ def test_resattn_info_runs():
         assert "cuda kernels" in proc.stdout
 
 
+def test_setup_and_cmake_compile_the_same_sources():
+    """setup.py and CMakeLists.txt glob the same source sets (a new file goes into both)."""
+    setup_py = (ROOT / "setup.py").read_text()
+    cmake = (ROOT / "CMakeLists.txt").read_text()
+    for pattern in ("csrc/*.cpp", "csrc/cpu/*.cpp", "kernels/*.cu"):
+        assert f'"{pattern}"' in setup_py, f"setup.py does not compile {pattern}"
+        assert f'${{PROJECT_SOURCE_DIR}}/{pattern}"' in cmake, f"CMakeLists.txt does not compile {pattern}"
+
+
 def _cmake() -> str:
     cmake = shutil.which("cmake")
     if cmake is None or shutil.which("ninja") is None:

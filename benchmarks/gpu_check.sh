@@ -10,7 +10,7 @@
 # 4. python benchmarks/run.py --suite all --device cuda --out OUTDIR
 #                                      -> OUTDIR/results.csv, report.md, *.png, bench.log
 # and prints a short summary as its last lines (GPU, tests passed/failed, headline
-# speedups from OUTDIR/results.csv). Needs no network (torch and Triton preinstalled).
+# speedups from OUTDIR/results.csv), also written to OUTDIR/summary.txt. Needs no network (torch and Triton preinstalled).
 # Exit status: 0 if every step passed; 1 if a test failed or the build, the kernel
 # registration or the benchmark failed; 2 on usage errors or when no GPU is visible.
 # Budget: under 9 minutes on one H100 (each step is time-bounded; see the *_TIMEOUT
@@ -228,15 +228,17 @@ print("\n".join(lines[:12]) if lines else "  (no fused-op rows in results.csv)")
 PY
 )
 echo
-echo "================ gpu_check summary ================"
-echo "GPU:      $GPU_NAME (sm_${GPU_ARCH/./}); $VERSIONS"
-echo "build:    $build_status"
-echo "info:     $info_status"
-echo "tests:    $tests_status"
-echo "bench:    $bench_status"
-echo "speedups:"
-echo "${speedups:-  (could not read $OUT/results.csv)}"
-echo "outputs:  $OUT (build.log, info.txt, tests.log, junit.xml, bench.log, results.csv, report.md, *.png)"
-echo "total:    $(elapsed)s; result: $([[ $failed -eq 0 ]] && echo PASS || echo FAIL)"
+{
+  echo "================ gpu_check summary ================"
+  echo "GPU:      $GPU_NAME (sm_${GPU_ARCH/./}); $VERSIONS"
+  echo "build:    $build_status"
+  echo "info:     $info_status"
+  echo "tests:    $tests_status"
+  echo "bench:    $bench_status"
+  echo "speedups:"
+  echo "${speedups:-  (could not read $OUT/results.csv)}"
+  echo "outputs:  $OUT (summary.txt, build.log, info.txt, tests.log, junit.xml, bench.log, results.csv, report.md, *.png)"
+  echo "total:    $(elapsed)s; result: $([[ $failed -eq 0 ]] && echo PASS || echo FAIL)"
+} | tee "$OUT/summary.txt"
 cd "$ROOT" || true
 exit "$failed"

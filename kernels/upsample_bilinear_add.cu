@@ -5,9 +5,10 @@
 //
 // Layouts. The result follows skip's memory format (x's without skip); x and skip are
 // made contiguous in that format first. NCHW: one thread per VEC outputs along a row
-// (128-bit skip loads and output stores when W is a multiple of VEC and the pointers are
-// aligned). channels_last: one thread per VEC channels of an output pixel, every load
-// and store a 128-bit vector when C is a multiple of VEC. Otherwise VEC = 1.
+// (vector skip loads and output stores of up to 128 bits: the widest that divides W and
+// suits the pointers' alignment). channels_last: one thread per VEC channels of an
+// output pixel, every load and store a 128-bit vector when C is a multiple of VEC
+// (else VEC = 1).
 //
 // Backward. One thread per input element (per VEC channels in channels_last) sums, in
 // float32 (float64 for double), every output that reads it: the rows and columns of
@@ -28,7 +29,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <optional>
+#include <type_traits>
 
 #include "bilinear.h"
 #include "checks.h"
@@ -313,6 +316,19 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM) upsample_backw
 }
 
 // ------------------------------------------------------------------------------- host
+// The widest power of two <= max_vec elements that divides `row` and at which both
+// pointers are aligned (1 if none).
+int row_vec_width(int64_t row, int max_vec, size_t elem_size, const void* a, const void* b) {
+  for (int v = max_vec; v > 1; v /= 2) {
+    const std::uintptr_t bytes = static_cast<std::uintptr_t>(v) * elem_size;
+    if (row % v == 0 && reinterpret_cast<std::uintptr_t>(a) % bytes == 0 &&
+        reinterpret_cast<std::uintptr_t>(b) % bytes == 0) {
+      return v;
+    }
+  }
+  return 1;
+}
+
 // Runs `body` with constexpr bool `kTabled` (axis tables in shared memory, or in-thread).
 #define RESATTN_DISPATCH_TABLED(tabled, ...) \
   [&] {                                      \
@@ -363,8 +379,11 @@ at::Tensor upsample_bilinear_add_cuda(const at::Tensor& x_in, const std::optiona
             });
           });
         } else {
-          const bool vec = W % kVec == 0 && aligned16(sp) && aligned16(op);
-          RESATTN_DISPATCH_VEC(vec, [&] {
+          // Rows are split into VEC-wide pieces: the widest power of two up to 128 bits
+          // that divides W (so 28- and 14-wide rows still get 64- and 32-bit accesses).
+          const int vec = row_vec_width(W, kVec, sizeof(scalar_t), sp, op);
+          auto launch = [&](auto vec_tag) {
+            constexpr int VEC = decltype(vec_tag)::value;
             RESATTN_DISPATCH_INDEX(use32, [&] {
               const int64_t items = N * C * H * (W / VEC);
               upsample_forward_nchw_kernel<scalar_t, index_t, VEC>
@@ -374,7 +393,17 @@ at::Tensor upsample_bilinear_add_cuda(const at::Tensor& x_in, const std::optiona
                       align_corners);
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             });
-          });
+          };
+          if constexpr (kVec >= 8) {
+            if (vec == 8) return launch(std::integral_constant<int, 8>{});
+          }
+          if constexpr (kVec >= 4) {
+            if (vec == 4) return launch(std::integral_constant<int, 4>{});
+          }
+          if constexpr (kVec >= 2) {
+            if (vec == 2) return launch(std::integral_constant<int, 2>{});
+          }
+          return launch(std::integral_constant<int, 1>{});
         }
       });
   return out;

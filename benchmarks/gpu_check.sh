@@ -28,8 +28,8 @@ ROOT=$(pwd)
 PY=${PYTHON:-python}
 START=$(date +%s)
 TOTAL_BUDGET=${GPU_CHECK_BUDGET:-530}   # seconds for all steps together (9 min = 540)
-BUILD_TIMEOUT=${BUILD_TIMEOUT:-240}
-TESTS_TIMEOUT=${TESTS_TIMEOUT:-240}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-200}
+TESTS_TIMEOUT=${TESTS_TIMEOUT:-300}
 
 elapsed() { echo $(( $(date +%s) - START )); }
 log() { echo "[gpu_check $(elapsed)s] $*"; }

@@ -2,7 +2,8 @@
 // (included by kernels_<isa>.cpp after <ATen/cpu/vec/vec.h>). One pass over memory each.
 //
 // The vector body evaluates the formulas of kernels/sigmoid.h on Vectorized<acc_t>
-// lanes, in the same order of operations:
+// lanes, in the same order of operations (float32 lanes with a faster exp, see
+// sigmoid_vec):
 //   s = 1 / (1 + exp(-m));  out = (1 + s) * trunk
 //   grad_trunk = g * (1 + s);  grad_m = g * trunk * s * (1 - s)
 // and the scalar remainder of every task calls sigmoid.h itself.
@@ -19,9 +20,17 @@ constexpr int64_t kAttentionGrain = 1 << 15;
 
 template <typename Vec>
 inline Vec sigmoid_vec(const Vec& m) {
-  // exp(-m) overflows to inf for m << 0 and 1 / inf = 0, as in sigmoid.h.
   const Vec one(1);
-  return one / (one + m.neg().exp());
+  if constexpr (std::is_same<typename Vec::value_type, float>::value) {
+    // float32: at::vec's inline polynomial exp (the one torch.compile's C++ code uses
+    // too): a few ulp, far inside float32's test tolerance, and no out-of-line SLEEF call
+    // that spills every live vector register. It saturates like sigmoid.h: exp(-m) is 0
+    // below -87.3 (s = 1) and FLT_MAX above 88.7 (s ~ 3e-39 instead of 0).
+    return one / (one + m.neg().exp_u20());
+  } else {
+    // exp(-m) overflows to inf for m << 0 and 1 / inf = 0, as in sigmoid.h.
+    return one / (one + m.neg().exp());
+  }
 }
 
 template <typename scalar_t>

@@ -22,9 +22,9 @@ template <typename Vec>
 inline Vec sigmoid_vec(const Vec& m) {
   const Vec one(1);
   if constexpr (std::is_same<typename Vec::value_type, float>::value) {
-    // float32: at::vec's inline polynomial exp (the one torch.compile's C++ code uses
-    // too): a few ulp, far inside float32's test tolerance, and no out-of-line SLEEF call
-    // that spills every live vector register. It saturates like sigmoid.h: exp(-m) is 0
+    // float32: at::vec's inline polynomial exp (PyTorch's CPU flash attention uses it):
+    // a few ulp, far inside float32's test tolerance, and no out-of-line SLEEF call that
+    // spills every live vector register. It saturates like sigmoid.h: exp(-m) is 0
     // below -87.3 (s = 1) and FLT_MAX above 88.7 (s ~ 3e-39 instead of 0).
     return one / (one + m.neg().exp_u20());
   } else {

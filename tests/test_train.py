@@ -57,7 +57,7 @@ def test_tiny_run_writes_every_file(tmp_path, capsys):
                              "images_per_s", "peak_mem_mb"]
     assert all(float(r["images_per_s"]) > 0 and float(r["peak_mem_mb"]) > 0 for r in rows)
     cfg = json.load(open(run / "config.json"))
-    assert cfg["config"]["model"] == "attention56_cifar" and cfg["config"]["lr"] == 0.1
+    assert cfg["config"]["model"] == "attention56_cifar" and cfg["config"]["recipe"] == "cosine"
     assert cfg["data"]["train_size"] == 64
     last = torch.load(run / "last.pt", weights_only=True)
     assert last["epoch"] == 2 and last["step"] == 0 and len(last["history"]) == 2

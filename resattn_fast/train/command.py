@@ -65,9 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "best.pt and curves.png; --resume continues from RUN_DIR/last.pt. Distributed: "
         "torchrun --nproc_per_node=K -m resattn_fast train ... (DDP; --batch-size is global).")
     parser.epilog = (
-        "Recipes: Nesterov SGD 0.9, wd 1e-4, batch 64, lr 0.1; paper-cifar divides the lr by 10 "
+        "Recipes: Nesterov SGD 0.9, wd 1e-4, batch 64; paper-cifar: lr 0.1 divided by 10 "
         "at 40% and 60% of the run's iterations (the paper's 64k/96k of 160k, scaled to "
-        "--epochs), paper-imagenet at 200k/400k/500k of 530k scaled, cosine decays it to 0. "
+        "--epochs); paper-imagenet: lr 0.1, at 200k/400k/500k of 530k scaled; cosine: lr 0.2 "
+        "decayed to 0 (default for digits/synthetic). "
         "--grad-checkpointing recomputes each block in backward; its batch-norm "
         "layers then update their running statistics once per step, as without it. "
         "Exit status: 0 done, 2 usage error, 3 loss became NaN/inf (last good checkpoint kept), "
@@ -96,11 +97,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-size", type=int, default=1024, help="images in --data synthetic")
     r = parser.add_argument_group("recipe")
     r.add_argument("--recipe", default=None, choices=sorted(RECIPES),
-                   help="preset (Nesterov SGD 0.9, wd 1e-4, batch 64, lr 0.1); paper-cifar and "
-                        "paper-imagenet: the paper's step schedules scaled to --epochs; cosine: "
-                        "cosine decay. Default: paper-cifar for cifar10/100, paper-imagenet for "
+                   help="preset (Nesterov SGD 0.9, wd 1e-4, batch 64); paper-cifar and "
+                        "paper-imagenet: lr 0.1, the paper's step schedules scaled to --epochs; "
+                        "cosine: lr 0.2 with cosine decay, for short runs. Default: paper-cifar for cifar10/100, paper-imagenet for "
                         "imagefolder, cosine for digits and synthetic")
-    r.add_argument("--lr", type=float, default=None, help="base learning rate (default: recipe's 0.1)")
+    r.add_argument("--lr", type=float, default=None, help="base learning rate (default: the recipe's)")
     r.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="lr schedule per iteration (default: the recipe's)")
     r.add_argument("--warmup-epochs", type=float, default=None,

@@ -52,11 +52,13 @@ RECIPES: Dict[str, Recipe] = {
         schedule="step", milestones=(64_000 / 160_000, 96_000 / 160_000), gamma=0.1,
         warmup_epochs=0.0, augmentation="pad 4 + random 32x32 crop + horizontal flip, per-channel mean/std",
     ),
-    # The paper's optimizer with a cosine decay over the run: for short runs (the default
-    # for digits and synthetic data), where the step schedule's first decay at 40% of a
-    # few epochs comes before a deep network has left its initial plateau.
+    # The paper's optimizer with a cosine decay over the run, from lr 0.2: for short runs
+    # (the default for digits and synthetic data). In a few epochs the step schedule's
+    # first decay at 40% comes before a deep network has left its initial plateau, and
+    # lr 0.1 leaves it too slowly (digits, 5 epochs, val acc: 0.939 / 0.908 / 0.894 for
+    # seeds 0 / 1 / 2 at lr 0.1; 0.96+ at lr 0.2 for seeds 0 and 1).
     "cosine": Recipe(
-        name="cosine", lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, batch_size=64,
+        name="cosine", lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-4, batch_size=64,
         schedule="cosine", milestones=(), gamma=0.1, warmup_epochs=0.0,
         augmentation="the data set's (digits: none)",
     ),

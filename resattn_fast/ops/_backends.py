@@ -44,6 +44,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def _why_not(backend: str, device_type: str) -> Optional[str]:
     """None if ``backend`` can run on ``device_type``, else the reason and the remedy."""
     if backend == "reference":
@@ -97,12 +98,20 @@ def _default(device_type: str) -> str:
 
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """The backend a call on ``device`` runs: ``backend``, else $RESATTN_BACKEND, else the
-    fastest available. Raises BackendUnavailableError (with the reason) if it cannot run."""
+    fastest available. Raises BackendUnavailableError (with the reason) if it cannot run.
+
+    Under torch.compile the choice is made once, at trace time, and baked into the graph
+    (the dispatcher queries behind it cannot be traced)."""
+    return _resolve(backend, device.type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: Optional[str], device_type: str) -> str:
     chosen = backend or os.environ.get("RESATTN_BACKEND") or None
     if chosen is None:
-        return _default(device.type)
+        return _default(device_type)
     chosen = chosen.strip().lower()
-    why = _why_not(chosen, device.type)
+    why = _why_not(chosen, device_type)
     if why is not None:
         source = "backend=" if backend else "RESATTN_BACKEND="
         raise BackendUnavailableError(f"resattn_fast: {source}{chosen!r} is not available: {why}")

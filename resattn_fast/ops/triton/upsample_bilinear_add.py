@@ -42,6 +42,26 @@ _BWD_CONFIGS = configs([(128, 4), (256, 4), (512, 8)], interpreted_block=1024)
 
 
 @triton.jit
+def _unravel(offs, C, H, W, CHANNELS_LAST: tl.constexpr):
+    """(n, c, y, x) of flat offsets into a dense (N, C, H, W) tensor in NCHW or NHWC order."""
+    if CHANNELS_LAST:
+        c = offs % C
+        rest = offs // C
+        x = rest % W
+        rest = rest // W
+        y = rest % H
+        n = rest // H
+    else:
+        x = offs % W
+        rest = offs // W
+        y = rest % H
+        rest = rest // H
+        c = rest % C
+        n = rest // C
+    return n, c, y, x
+
+
+@triton.jit
 def _scale(in_size, out_size, ALIGN: tl.constexpr, IS_FP64: tl.constexpr):
     """The source-index step along one axis (PyTorch's area_pixel_compute_scale)."""
     if ALIGN:
@@ -112,20 +132,7 @@ def _upsample_bilinear_add_fwd_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     # offs is the output's own memory order: (n, c, oh, ow) or (n, oh, ow, c).
-    if CHANNELS_LAST:
-        c = offs % C
-        rest = offs // C
-        ow = rest % W
-        rest = rest // W
-        oh = rest % H
-        n = rest // H
-    else:
-        ow = offs % W
-        rest = offs // W
-        oh = rest % H
-        rest = rest // H
-        c = rest % C
-        n = rest // C
+    n, c, oh, ow = _unravel(offs, C, H, W, CHANNELS_LAST)
 
     ih0, ih1, wh0, wh1 = _tap(oh, h, _scale(h, H, ALIGN, IS_FP64), ALIGN)
     iw0, iw1, ww0, ww1 = _tap(ow, w, _scale(w, W, ALIGN, IS_FP64), ALIGN)
@@ -159,20 +166,7 @@ def _upsample_bilinear_add_bwd_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     # offs is grad_x's own memory order: (n, c, ih, iw) or (n, ih, iw, c).
-    if CHANNELS_LAST:
-        c = offs % C
-        rest = offs // C
-        iw = rest % w
-        rest = rest // w
-        ih = rest % h
-        n = rest // h
-    else:
-        iw = offs % w
-        rest = offs // w
-        ih = rest % h
-        rest = rest // h
-        c = rest % C
-        n = rest // C
+    n, c, ih, iw = _unravel(offs, C, h, w, CHANNELS_LAST)
 
     scale_h = _scale(h, H, ALIGN, IS_FP64)
     scale_w = _scale(w, W, ALIGN, IS_FP64)

@@ -182,6 +182,7 @@ fraction of copy bandwidth reached."""
 import csv
 import math
 import os
+import re
 import sys
 from collections import defaultdict
 
@@ -191,10 +192,11 @@ if not os.path.exists(path):
     sys.exit(0)
 rows = [r for r in csv.DictReader(open(path)) if r.get("suite") == "ops"]
 def numel(shape):
-    try:
-        return math.prod(int(v) for v in shape.split("x"))
-    except ValueError:
-        return 0
+    # "NxCxHxW", or "NxCxhxw>HxW[+skip]" for the upsample: the output's element count.
+    dims = [int(v) for v in re.findall(r"\d+", shape)]
+    if ">" in shape and len(dims) == 6:
+        dims = dims[:2] + dims[4:]
+    return math.prod(dims) if dims else 0
 lines = []
 for op in ("upsample_bilinear_add", "attention_residual"):
     cand = [r for r in rows if r["name"] == op and r["metric"] == "time"]

@@ -25,6 +25,9 @@ def plot_curves(history: List[Dict[str, float]], path: str, title: str = "") -> 
         ax_loss.plot(epochs, [r["val_loss"] for r in history], "s-", label="val")
         ax_loss.set_xlabel("epoch")
         ax_loss.set_ylabel("cross-entropy loss")
+        # Log scale: the first epochs' validation loss (batch-norm statistics not yet
+        # settled) can be orders of magnitude above the rest and would flatten the curve.
+        ax_loss.set_yscale("log")
         ax_loss.legend()
         ax_loss.grid(alpha=0.3)
         ax_acc.plot(epochs, [r["train_acc"] for r in history], "o-", label="train")

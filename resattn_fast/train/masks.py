@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     img = np.asarray(im, dtype=np.float32) / 255.0
-    fig, axes = plt.subplots(1, len(masks) + 1, figsize=(3 * (len(masks) + 1), 3.3))
+    fig, axes = plt.subplots(1, len(masks) + 1, figsize=(3 * (len(masks) + 1), 3.6))
     try:
         axes[0].imshow(img, interpolation="nearest")
         axes[0].set_title(f"input: {label} ({float(prob[top]):.2f})", fontsize=9)
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         for ax in axes:
             ax.axis("off")
         fig.suptitle(f"{name}, {os.path.basename(path)} (epoch {ckpt.get('epoch', '?')})", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.93))  # room for the suptitle
         out_dir = os.path.dirname(os.path.abspath(args.out))
         if not os.path.isdir(out_dir):
             raise UsageError(f"--out: directory {out_dir} does not exist")

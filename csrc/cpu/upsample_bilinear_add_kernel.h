@@ -207,6 +207,34 @@ void upsample_forward_cl(const UpsampleForwardArgs& a) {
   });
 }
 
+// The vertical half of the backward gather: out[i] = sum over output rows oy in [lo, hi)
+// of wk[oy - lo] * g[oy * len + i], for i in [0, len), accumulated in acc_t. Shared by the
+// NCHW (len = W) and channels_last (len = W * C) backward kernels.
+template <typename scalar_t>
+inline void gather_rows(const scalar_t* g, int64_t len, int64_t lo, int64_t hi,
+                        const typename VecIO<scalar_t>::acc_t* wk,
+                        typename VecIO<scalar_t>::acc_t* out) {
+  using IO = VecIO<scalar_t>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kChunk = IO::kChunk;
+  for_each_chunk<kChunk>(len, [&](int64_t i, int64_t n) {
+    Vec s0(acc_t(0)), s1(acc_t(0));
+    for (int64_t oy = lo; oy < hi; ++oy) {
+      const Vec wv(wk[oy - lo]);
+      Vec g0, g1;
+      if (n == kChunk) {
+        IO::load(g + oy * len + i, g0, g1);
+      } else {
+        IO::load(g + oy * len + i, n, g0, g1);
+      }
+      s0 = at::vec::fmadd(wv, g0, s0);
+      s1 = at::vec::fmadd(wv, g1, s1);
+    }
+    AccIO<acc_t>::store(out + i, n, s0, s1);
+  });
+}
+
 // ---- backward, NCHW ----------------------------------------------------------------
 // grad_x[iy, ix] = sum over oy in rows(iy), ox in cols(ix) of wy * wx * grad[oy, ox].
 // Per plane and input row: a vectorised vertical gather of the output rows that read
@@ -217,8 +245,6 @@ template <typename scalar_t>
 void upsample_backward_nchw(const UpsampleBackwardArgs& a) {
   using IO = VecIO<scalar_t>;
   using acc_t = typename IO::acc_t;
-  using Vec = typename IO::Vec;
-  constexpr int64_t kChunk = IO::kChunk;
   const int64_t h = a.h, w = a.w, H = a.H, W = a.W;
   const auto* grad = static_cast<const scalar_t*>(a.grad);
   auto* gx = static_cast<scalar_t*>(a.grad_x);
@@ -238,21 +264,7 @@ void upsample_backward_nchw(const UpsampleBackwardArgs& a) {
           std::fill(orow, orow + w, static_cast<scalar_t>(0));
           continue;
         }
-        for_each_chunk<kChunk>(W, [&](int64_t i, int64_t n) {
-          Vec s0(acc_t(0)), s1(acc_t(0));
-          for (int64_t oy = lo; oy < hi; ++oy) {
-            const Vec wv(wk[oy - lo]);
-            Vec g0, g1;
-            if (n == kChunk) {
-              IO::load(gp + oy * W + i, g0, g1);
-            } else {
-              IO::load(gp + oy * W + i, n, g0, g1);
-            }
-            s0 = at::vec::fmadd(wv, g0, s0);
-            s1 = at::vec::fmadd(wv, g1, s1);
-          }
-          AccIO<acc_t>::store(vrow.data() + i, n, s0, s1);
-        });
+        gather_rows<scalar_t>(gp, W, lo, hi, wk, vrow.data());
         for (int64_t ix = 0; ix < w; ++ix) {
           const int64_t xlo = a.cols.lo[ix], xhi = a.cols.hi[ix];
           const acc_t* wc = wx + a.cols.off[ix];
@@ -294,21 +306,7 @@ void upsample_backward_cl(const UpsampleBackwardArgs& a) {
         continue;
       }
       const scalar_t* gbase = grad + nb * H * row_len;
-      for_each_chunk<kChunk>(row_len, [&](int64_t i, int64_t n) {
-        Vec s0(acc_t(0)), s1(acc_t(0));
-        for (int64_t oy = lo; oy < hi; ++oy) {
-          const Vec wv(wk[oy - lo]);
-          Vec g0, g1;
-          if (n == kChunk) {
-            IO::load(gbase + oy * row_len + i, g0, g1);
-          } else {
-            IO::load(gbase + oy * row_len + i, n, g0, g1);
-          }
-          s0 = at::vec::fmadd(wv, g0, s0);
-          s1 = at::vec::fmadd(wv, g1, s1);
-        }
-        AccIO<acc_t>::store(vbuf.data() + i, n, s0, s1);
-      });
+      gather_rows<scalar_t>(gbase, row_len, lo, hi, wk, vbuf.data());
       for (int64_t ix = 0; ix < w; ++ix) {
         const int64_t xlo = a.cols.lo[ix], xhi = a.cols.hi[ix];
         const acc_t* wc = wx + a.cols.off[ix];

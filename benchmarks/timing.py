@@ -116,38 +116,8 @@ def measure(
     setup and launch gaps before the start event are not counted; on the CPU the call is
     bracketed by ``time.perf_counter``.
     """
-    for _ in range(max(warmup, 0)):
-        if setup is not None:
-            setup()
-        fn()
-    synchronize(device)
-    samples: List[float] = []
-    events: List[Tuple[torch.cuda.Event, torch.cuda.Event]] = []
-    t_begin = time.perf_counter()
-    reps = 0
-    while reps < max_reps and (reps < min_reps or time.perf_counter() - t_begin < max_time_s):
-        if setup is not None:
-            setup()
-        if flush is not None:
-            flush()
-        if device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            events.append((start, end))
-            if len(events) % 16 == 0:  # keep the host from racing far ahead of the GPU
-                end.synchronize()
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-        reps += 1
-    if device.type == "cuda":
-        synchronize(device)
-        samples = [s.elapsed_time(e) for s, e in events]
-    return percentiles(samples)
+    return measure_interleaved({"fn": (fn, setup)}, device, warmup=warmup, min_reps=min_reps,
+                               max_reps=max_reps, max_time_s=max_time_s, flush=flush)["fn"]
 
 
 def measure_interleaved(

@@ -7,6 +7,15 @@ Environment:
                                (no C++ compiler) install without it, with a warning: the
                                package then runs on the reference backend; 1: a failed build
                                fails the install (implied by RESATTN_BUILD_CUDA=1); 0: skip it.
+  RESATTN_BUILD_CUDA_EMULATION=0|1
+                               1: also build resattn_fast._C_cuda_emulated, the CUDA kernels
+                               (kernels/*.cu) compiled by the host compiler against an
+                               emulation of CUDA's execution model, so backend "cuda" runs on
+                               CPU tensors (tests, CI); off by default.
+  RESATTN_BUILD_CUDA_EMULATION_ASAN=0|1
+                               1: also build resattn_fast._C_cuda_emulated_asan, the same with
+                               AddressSanitizer (+ alignment checks); loaded only with
+                               RESATTN_CUDA_EMULATION=asan and libasan preloaded (CI memcheck).
   TORCH_CUDA_ARCH_LIST         CUDA architectures; default: the visible GPUs', else 8.0;9.0.
   MAX_JOBS                     parallel compile jobs (ninja).
 """
@@ -114,8 +123,38 @@ def _extensions():
             extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
             optional=optional,
         )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None
+    return [ext, *_emulation_extensions(CppExtension, include_dirs)], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None
                                                             or _has_ninja_module())}
+
+
+def _flag(name: str) -> bool:
+    value = os.environ.get(name, "0").strip().lower()
+    if value not in TRUE | FALSE:
+        sys.exit(f"{name} must be 0 or 1, got {value!r}")
+    return value in TRUE
+
+
+def _emulation_extensions(CppExtension, include_dirs):
+    """The emulated CUDA kernels: kernels/*.cu included by csrc/emulation/<op>.cpp and
+    compiled by the host compiler with RESATTN_CUDA_EMULATION (cuda_emulation.h)."""
+    if not _flag("RESATTN_BUILD_CUDA_EMULATION"):
+        return []
+    sources = sorted(glob.glob("csrc/emulation/*.cpp"))
+    include_dirs = [*include_dirs, os.path.join(ROOT, "csrc", "emulation")]
+    # Strict aliasing off: the kernels read float buffers through 128-bit vector structs,
+    # which nvcc allows and a host optimiser need not.
+    cxx = ["-O2", "-fno-strict-aliasing", "-pthread", "-DRESATTN_CUDA_EMULATION"]
+    exts = [CppExtension("resattn_fast._C_cuda_emulated", sources, include_dirs=include_dirs,
+                         extra_compile_args={"cxx": cxx}, extra_link_args=["-pthread"])]
+    if _flag("RESATTN_BUILD_CUDA_EMULATION_ASAN"):
+        # Out-of-bounds accesses of tensors and shared memory, and misaligned vector
+        # accesses (a fault on a GPU), abort the process with a report.
+        sanitize = ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment"]
+        exts.append(CppExtension(
+            "resattn_fast._C_cuda_emulated_asan", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": [*cxx, "-O1", "-fno-omit-frame-pointer", *sanitize]},
+            extra_link_args=["-pthread", *sanitize]))
+    return exts
 
 
 def _arch_list() -> str:

@@ -1,13 +1,15 @@
 // The op schemas of the `resattn_fast` namespace and the Python module resattn_fast._C.
 //
-// Schemas are declared once here; each backend registers its kernels under the same
-// names (csrc/cpu/<op>.cpp for CPU, kernels/<op>.cu for CUDA), so the dispatcher picks
-// by device. Fake (meta) kernels and autograd are registered from Python
+// Schemas are declared once (csrc/schemas.h) and defined here; each backend registers
+// its kernels under the same names (csrc/cpu/<op>.cpp for CPU, kernels/<op>.cu for
+// CUDA), so the dispatcher picks by device. Fake (meta) kernels and autograd are registered from Python
 // (resattn_fast/ops/_registry.py).
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <string>
+
+#include "schemas.h"
 
 #ifndef RESATTN_CUDA_ARCHS
 #define RESATTN_CUDA_ARCHS ""
@@ -16,20 +18,7 @@
 #define RESATTN_CUDA_VERSION ""
 #endif
 
-TORCH_LIBRARY(resattn_fast, m) {
-  // out = bilinear_upsample(x, size, align_corners) (+ skip when given); size == skip's H, W.
-  m.def("upsample_bilinear_add(Tensor x, Tensor? skip, int[] size, bool align_corners) -> Tensor");
-  // grad_x = adjoint of the interpolation applied to grad (N, C, H, W) -> (N, C, h, w).
-  m.def(
-      "upsample_bilinear_add_backward(Tensor grad, int[] input_size, bool align_corners) -> "
-      "Tensor");
-  // out = (1 + sigmoid(mask_logits)) * trunk.
-  m.def("attention_residual(Tensor mask_logits, Tensor trunk) -> Tensor");
-  // (grad_mask_logits, grad_trunk).
-  m.def(
-      "attention_residual_backward(Tensor grad, Tensor mask_logits, Tensor trunk) -> "
-      "(Tensor, Tensor)");
-}
+TORCH_LIBRARY(resattn_fast, m) { resattn::define_schemas(m); }
 
 namespace {
 

@@ -13,9 +13,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -111,8 +108,8 @@ bool all_aligned(std::initializer_list<const void*> ptrs) {
 
 at::Tensor attention_residual_cuda(const at::Tensor& mask_logits, const at::Tensor& trunk) {
   check_attention_args(mask_logits, trunk);
-  TORCH_CHECK(trunk.is_cuda(), "resattn_fast: trunk must be a CUDA tensor, got ", trunk.device());
-  const c10::cuda::CUDAGuard guard(trunk.device());
+  check_on_device(trunk, "trunk");
+  const DeviceGuard guard(trunk.device());
   // Same layout rule as the fake kernel: trunk's own strides when dense, else its
   // suggested memory format (contiguous or channels_last).
   at::Tensor out = at::empty_like(trunk, at::MemoryFormat::Preserve);
@@ -120,7 +117,7 @@ at::Tensor attention_residual_cuda(const at::Tensor& mask_logits, const at::Tens
   if (n == 0) return out;
   const at::Tensor m = laid_out_like(mask_logits, out);
   const at::Tensor f = laid_out_like(trunk, out);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, out.scalar_type(), "attention_residual_cuda", [&] {
         const scalar_t* mp = m.data_ptr<scalar_t>();
@@ -128,9 +125,8 @@ at::Tensor attention_residual_cuda(const at::Tensor& mask_logits, const at::Tens
         scalar_t* op = out.data_ptr<scalar_t>();
         const bool vec = all_aligned({mp, fp, op});
         RESATTN_DISPATCH_VEC(vec, [&] {
-          attention_residual_forward_kernel<scalar_t, VEC>
-              <<<num_blocks((n + VEC - 1) / VEC), kThreads, 0, stream>>>(mp, fp, op, n);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          RESATTN_LAUNCH(num_blocks((n + VEC - 1) / VEC), kThreads, 0, stream, attention_residual_forward_kernel<scalar_t, VEC>)(mp, fp, op, n);
+          RESATTN_KERNEL_LAUNCH_CHECK();
         });
       });
   return out;
@@ -141,8 +137,8 @@ std::tuple<at::Tensor, at::Tensor> attention_residual_backward_cuda(const at::Te
                                                                     const at::Tensor& trunk) {
   check_attention_args(mask_logits, trunk);
   check_attention_grad(grad, trunk);
-  TORCH_CHECK(trunk.is_cuda(), "resattn_fast: trunk must be a CUDA tensor, got ", trunk.device());
-  const c10::cuda::CUDAGuard guard(trunk.device());
+  check_on_device(trunk, "trunk");
+  const DeviceGuard guard(trunk.device());
   // Each gradient is laid out like its input (the fake kernel's rule); the kernel runs in
   // grad_trunk's order and grad_m is copied into its own layout only if that differs.
   at::Tensor grad_f = at::empty_like(trunk, at::MemoryFormat::Preserve);
@@ -153,7 +149,7 @@ std::tuple<at::Tensor, at::Tensor> attention_residual_backward_cuda(const at::Te
   const at::Tensor g = laid_out_like(grad, grad_f);
   const at::Tensor m = laid_out_like(mask_logits, grad_f);
   const at::Tensor f = laid_out_like(trunk, grad_f);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_f.scalar_type(), "attention_residual_backward_cuda", [&] {
         const scalar_t* gp = g.data_ptr<scalar_t>();
@@ -163,9 +159,8 @@ std::tuple<at::Tensor, at::Tensor> attention_residual_backward_cuda(const at::Te
         scalar_t* gfp = grad_f.data_ptr<scalar_t>();
         const bool vec = all_aligned({gp, mp, fp, gmp, gfp});
         RESATTN_DISPATCH_VEC(vec, [&] {
-          attention_residual_backward_kernel<scalar_t, VEC>
-              <<<num_blocks((n + VEC - 1) / VEC), kThreads, 0, stream>>>(gp, mp, fp, gmp, gfp, n);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          RESATTN_LAUNCH(num_blocks((n + VEC - 1) / VEC), kThreads, 0, stream, attention_residual_backward_kernel<scalar_t, VEC>)(gp, mp, fp, gmp, gfp, n);
+          RESATTN_KERNEL_LAUNCH_CHECK();
         });
       });
   if (!grad_m_work.is_same(grad_m)) grad_m.copy_(grad_m_work);
@@ -176,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> attention_residual_backward_cuda(const at::Te
 }  // namespace cuda
 }  // namespace resattn
 
-TORCH_LIBRARY_IMPL(resattn_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(RESATTN_CUDA_NAMESPACE, RESATTN_CUDA_DISPATCH_KEY, m) {
   m.impl("attention_residual", &resattn::cuda::attention_residual_cuda);
   m.impl("attention_residual_backward", &resattn::cuda::attention_residual_backward_cuda);
 }

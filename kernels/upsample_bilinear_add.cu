@@ -24,9 +24,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -35,7 +32,7 @@
 
 #include "bilinear.h"
 #include "checks.h"
-#include "cuda_common.cuh"
+#include "cuda_common.cuh"  // also the spellings shared with the emulated build (csrc/emulation/)
 
 namespace resattn {
 namespace cuda {
@@ -242,7 +239,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM) upsample_backw
                                               Axis<at::opmath_type<scalar_t>> ay,
                                               Axis<at::opmath_type<scalar_t>> ax) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char resattn_smem[];
+  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
   setup_tables<acc_t, kTabled>(ay, ax, resattn_smem);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
@@ -279,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM) upsample_backw
                                             Axis<at::opmath_type<scalar_t>> ax) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
-  extern __shared__ __align__(16) unsigned char resattn_smem[];
+  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
   setup_tables<acc_t, kTabled>(ay, ax, resattn_smem);
   const index_t cvs = C / VEC;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -344,8 +341,8 @@ int row_vec_width(int64_t row, int max_vec, size_t elem_size, const void* a, con
 at::Tensor upsample_bilinear_add_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& skip_in,
                                       at::IntArrayRef size, bool align_corners) {
   check_upsample_args(x_in, skip_in, size);
-  TORCH_CHECK(x_in.is_cuda(), "resattn_fast: x must be a CUDA tensor, got ", x_in.device());
-  const c10::cuda::CUDAGuard guard(x_in.device());
+  check_on_device(x_in, "x");
+  const DeviceGuard guard(x_in.device());
   const bool has_skip = skip_in.has_value();
   const at::MemoryFormat fmt = follow_format(has_skip ? *skip_in : x_in);
   const int64_t N = x_in.size(0), C = x_in.size(1), h = x_in.size(2), w = x_in.size(3);
@@ -355,7 +352,7 @@ at::Tensor upsample_bilinear_add_cuda(const at::Tensor& x_in, const std::optiona
   const at::Tensor x = x_in.contiguous(fmt);
   const at::Tensor skip = has_skip ? skip_in->contiguous(fmt) : at::Tensor();
   const bool use32 = fits_int32(x) && fits_int32(out);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "upsample_bilinear_add_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
@@ -370,12 +367,11 @@ at::Tensor upsample_bilinear_add_cuda(const at::Tensor& x_in, const std::optiona
           RESATTN_DISPATCH_VEC(vec, [&] {
             RESATTN_DISPATCH_INDEX(use32, [&] {
               const int64_t items = N * H * W * (C / VEC);
-              upsample_forward_cl_kernel<scalar_t, index_t, VEC>
-                  <<<num_blocks(items), kThreads, 0, stream>>>(
+              RESATTN_LAUNCH(num_blocks(items), kThreads, 0, stream, upsample_forward_cl_kernel<scalar_t, index_t, VEC>)(
                       xp, sp, op, items, static_cast<index_t>(C), static_cast<index_t>(h),
                       static_cast<index_t>(w), static_cast<index_t>(H), static_cast<index_t>(W),
                       scale_h, scale_w, align_corners);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              RESATTN_KERNEL_LAUNCH_CHECK();
             });
           });
         } else {
@@ -386,12 +382,11 @@ at::Tensor upsample_bilinear_add_cuda(const at::Tensor& x_in, const std::optiona
             constexpr int VEC = decltype(vec_tag)::value;
             RESATTN_DISPATCH_INDEX(use32, [&] {
               const int64_t items = N * C * H * (W / VEC);
-              upsample_forward_nchw_kernel<scalar_t, index_t, VEC>
-                  <<<num_blocks(items), kThreads, 0, stream>>>(
+              RESATTN_LAUNCH(num_blocks(items), kThreads, 0, stream, upsample_forward_nchw_kernel<scalar_t, index_t, VEC>)(
                       xp, sp, op, items, static_cast<index_t>(h), static_cast<index_t>(w),
                       static_cast<index_t>(H), static_cast<index_t>(W), scale_h, scale_w,
                       align_corners);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              RESATTN_KERNEL_LAUNCH_CHECK();
             });
           };
           if constexpr (kVec >= 8) {
@@ -412,8 +407,8 @@ at::Tensor upsample_bilinear_add_cuda(const at::Tensor& x_in, const std::optiona
 at::Tensor upsample_bilinear_add_backward_cuda(const at::Tensor& grad_in, at::IntArrayRef input_size,
                                                bool align_corners) {
   check_upsample_backward_args(grad_in, input_size);
-  TORCH_CHECK(grad_in.is_cuda(), "resattn_fast: grad must be a CUDA tensor, got ", grad_in.device());
-  const c10::cuda::CUDAGuard guard(grad_in.device());
+  check_on_device(grad_in, "grad");
+  const DeviceGuard guard(grad_in.device());
   const at::MemoryFormat fmt = follow_format(grad_in);
   const int64_t N = grad_in.size(0), C = grad_in.size(1), H = grad_in.size(2), W = grad_in.size(3);
   const int64_t h = input_size[0], w = input_size[1];
@@ -421,14 +416,14 @@ at::Tensor upsample_bilinear_add_backward_cuda(const at::Tensor& grad_in, at::In
   if (grad_x.numel() == 0) return grad_x;
   const at::Tensor grad = grad_in.contiguous(fmt);
   const bool use32 = fits_int32(grad) && fits_int32(grad_x);
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const Stream stream = current_stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "upsample_bilinear_add_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         Axis<acc_t> ay = make_axis<acc_t>(h, H, align_corners);
         Axis<acc_t> ax = make_axis<acc_t>(w, W, align_corners);
         int64_t smem = table_bytes<acc_t>(ay, ax);
-        ay.tabled = ax.tabled = smem <= kMaxTableBytes;
+        ay.tabled = ax.tabled = smem <= kMaxTableBytes && !force_in_thread_tables();
         if (!ay.tabled) smem = 0;
         const scalar_t* gp = grad.data_ptr<scalar_t>();
         scalar_t* gxp = grad_x.data_ptr<scalar_t>();
@@ -439,12 +434,11 @@ at::Tensor upsample_bilinear_add_backward_cuda(const at::Tensor& grad_in, at::In
             RESATTN_DISPATCH_INDEX(use32, [&] {
               RESATTN_DISPATCH_TABLED(ay.tabled, [&] {
                 const int64_t items = N * h * w * (C / VEC);
-                upsample_backward_cl_kernel<scalar_t, index_t, VEC, kTabled>
-                    <<<num_blocks(items), kThreads, smem, stream>>>(
+                RESATTN_LAUNCH(num_blocks(items), kThreads, smem, stream, upsample_backward_cl_kernel<scalar_t, index_t, VEC, kTabled>)(
                         gp, gxp, items, static_cast<index_t>(C), static_cast<index_t>(h),
                         static_cast<index_t>(w), static_cast<index_t>(H),
                         static_cast<index_t>(W), ay, ax);
-                C10_CUDA_KERNEL_LAUNCH_CHECK();
+                RESATTN_KERNEL_LAUNCH_CHECK();
               });
             });
           });
@@ -452,11 +446,10 @@ at::Tensor upsample_bilinear_add_backward_cuda(const at::Tensor& grad_in, at::In
           RESATTN_DISPATCH_INDEX(use32, [&] {
             RESATTN_DISPATCH_TABLED(ay.tabled, [&] {
               const int64_t items = N * C * h * w;
-              upsample_backward_nchw_kernel<scalar_t, index_t, kTabled>
-                  <<<num_blocks(items), kThreads, smem, stream>>>(
+              RESATTN_LAUNCH(num_blocks(items), kThreads, smem, stream, upsample_backward_nchw_kernel<scalar_t, index_t, kTabled>)(
                       gp, gxp, items, static_cast<index_t>(h), static_cast<index_t>(w),
                       static_cast<index_t>(H), static_cast<index_t>(W), ay, ax);
-              C10_CUDA_KERNEL_LAUNCH_CHECK();
+              RESATTN_KERNEL_LAUNCH_CHECK();
             });
           });
         }
@@ -468,7 +461,7 @@ at::Tensor upsample_bilinear_add_backward_cuda(const at::Tensor& grad_in, at::In
 }  // namespace cuda
 }  // namespace resattn
 
-TORCH_LIBRARY_IMPL(resattn_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(RESATTN_CUDA_NAMESPACE, RESATTN_CUDA_DISPATCH_KEY, m) {
   m.impl("upsample_bilinear_add", &resattn::cuda::upsample_bilinear_add_cuda);
   m.impl("upsample_bilinear_add_backward", &resattn::cuda::upsample_bilinear_add_backward_cuda);
 }

@@ -43,6 +43,11 @@ def _info(args: argparse.Namespace) -> int:
         print("extension    NOT loaded: the reference backend runs instead")
         print(f"  reason: {info['error']}")
         print("  fix:    pip install --no-build-isolation -e .  (needs a C++ compiler; nvcc for CUDA)")
+    if info["cuda_emulation"]:
+        sanitizer = info["cuda_emulation_sanitizer"]
+        print("  cuda emulated yes: kernels/*.cu under an emulation of CUDA's execution model, "
+              "backend 'cuda' on CPU tensors (tests only)"
+              + (f", built with {sanitizer} sanitizer" if sanitizer else ""))
     print(f"cpu          backends: {', '.join(available_backends('cpu'))}")
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

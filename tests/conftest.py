@@ -4,8 +4,10 @@ Triton kernels run on the CPU under TRITON_INTERPRET=1, which must be set before
 first imported: it is set here, before any test module imports resattn_fast, when no GPU
 is visible (on a GPU machine the real compiler runs them).
 
-RESATTN_REQUIRE_BACKENDS=cpu,triton (set by .ci/run) turns "backend not available" from a
-skip into a failure, so CI cannot pass with a kernel silently missing.
+RESATTN_REQUIRE_BACKENDS=cpu,triton,cuda (set by .ci/run) turns "backend not available"
+from a skip into a failure, so CI cannot pass with a kernel silently missing. On CPU
+tensors, backend "cuda" is the CUDA kernels under the emulation of CUDA's execution model
+(a build with RESATTN_BUILD_CUDA_EMULATION=1).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from resattn_fast.ops import available_backends  # noqa: E402
 
 REQUIRED = {b.strip() for b in os.environ.get("RESATTN_REQUIRE_BACKENDS", "").split(",") if b.strip()}
 
-# The fused backends that run on CPU tensors here (reference excluded: it is the truth).
-CPU_FUSED = ("cpu", "triton")
+# The fused backends that run on CPU tensors here (reference excluded: it is the truth);
+# "cuda" is kernels/*.cu under the CUDA emulation.
+CPU_FUSED = ("cpu", "triton", "cuda")
 
 
 def require_backend(backend: str, device: str = "cpu") -> None:

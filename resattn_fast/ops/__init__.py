@@ -30,6 +30,8 @@ __all__ = [
 
 if _ext.C is not None:
     _registry.register_compiled_ops()
+if _ext.EMULATED is not None:
+    _registry.register_compiled_ops("resattn_fast_emulated")
 
 _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -39,6 +41,15 @@ def _triton_ops() -> object:
     from . import triton as triton_ops  # imports Triton: only when the backend is used
 
     return triton_ops
+
+
+def _compiled(backend: str, device: torch.device) -> object:
+    """The namespace of the C++ ops that run ``backend`` on ``device``: ``resattn_fast``
+    (the dispatcher picks the CPU or CUDA kernel), or ``resattn_fast_emulated`` for the CUDA
+    kernels on CPU tensors under the emulation (RESATTN_BUILD_CUDA_EMULATION=1)."""
+    if backend == "cuda" and device.type == "cpu":
+        return torch.ops.resattn_fast_emulated
+    return torch.ops.resattn_fast
 
 
 def _check_tensor(t: object, name: str, ndim: Optional[int] = None) -> torch.Tensor:
@@ -120,7 +131,7 @@ def upsample_bilinear_add(
         return _ref.upsample_bilinear_add(x, skip, size=hw, align_corners=align_corners)
     if chosen == "triton":
         return _triton_ops().upsample_bilinear_add(x, skip, hw, bool(align_corners))
-    return torch.ops.resattn_fast.upsample_bilinear_add(x, skip, hw, bool(align_corners))
+    return _compiled(chosen, x.device).upsample_bilinear_add(x, skip, hw, bool(align_corners))
 
 
 def attention_residual(
@@ -151,4 +162,4 @@ def attention_residual(
         return _ref.attention_residual(mask_logits, trunk)
     if chosen == "triton":
         return _triton_ops().attention_residual(mask_logits, trunk)
-    return torch.ops.resattn_fast.attention_residual(mask_logits, trunk)
+    return _compiled(chosen, trunk.device).attention_residual(mask_logits, trunk)

@@ -2,7 +2,9 @@
 
 Order of preference for ``backend=None``: on CUDA tensors ``cuda`` then ``triton`` then
 ``reference``; on CPU tensors ``cpu`` then ``reference``. Triton on the CPU exists only
-under TRITON_INTERPRET=1 (the test interpreter) and is never picked by default there.
+under TRITON_INTERPRET=1 (the test interpreter), and ``cuda`` on the CPU only in a build
+with RESATTN_BUILD_CUDA_EMULATION=1 (the CUDA kernels under an emulation of CUDA's
+execution model); neither is ever picked by default there.
 The environment variable RESATTN_BACKEND overrides the default choice.
 """
 
@@ -58,8 +60,11 @@ def _why_not(backend: str, device_type: str) -> Optional[str]:
                     "`pip install --no-build-isolation -e .` and a C++ compiler")
         return None
     if backend == "cuda":
+        if device_type == "cpu" and _ext.EMULATED is not None:
+            return None  # the CUDA kernels under the emulation of CUDA's execution model
         if device_type != "cuda":
-            return f"the cuda backend runs on CUDA tensors only, these are on {device_type}"
+            return (f"the cuda backend runs on CUDA tensors only, these are on {device_type} "
+                    "(on CPU tensors only in a build with RESATTN_BUILD_CUDA_EMULATION=1, for tests)")
         if not _dispatch_has("CUDA"):
             return ("resattn_fast._C was built without CUDA kernels "
                     f"({_ext.load_error or 'RESATTN_BUILD_CUDA=0 or no nvcc at build time'}); "
@@ -81,7 +86,7 @@ def _why_not(backend: str, device_type: str) -> Optional[str]:
 def available_backends(device: Union[str, torch.device, None] = None) -> List[str]:
     """The backends that can run both ops on ``device`` (default: "cpu"), fastest first."""
     dev = torch.device(device if device is not None else "cpu")
-    order = ("cuda", "triton", "reference") if dev.type == "cuda" else ("cpu", "triton", "reference")
+    order = ("cuda", "triton", "reference") if dev.type == "cuda" else ("cpu", "triton", "cuda", "reference")
     return [b for b in order if _why_not(b, dev.type) is None]
 
 

@@ -106,9 +106,10 @@ def register_attention(forward: Any, backward: Any, *, fakes: bool = True) -> No
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
 
-def register_compiled_ops() -> List[str]:
-    """Register fakes and autograd for the C++ ops of resattn_fast._C (once, at import)."""
-    ops = torch.ops.resattn_fast
+def register_compiled_ops(namespace: str = "resattn_fast") -> List[str]:
+    """Register fakes and autograd for the C++ ops of resattn_fast._C (once, at import), or
+    of the emulated CUDA kernels (namespace ``resattn_fast_emulated``)."""
+    ops = getattr(torch.ops, namespace)
     register_upsample(ops.upsample_bilinear_add.default, ops.upsample_bilinear_add_backward.default)
     register_attention(ops.attention_residual.default, ops.attention_residual_backward.default)
     return ["upsample_bilinear_add", "attention_residual"]

@@ -1,0 +1,53 @@
+// Kernels that are wrong on purpose, to show that the emulation's nets catch what they are
+// for (tests/test_cuda_emulation.py). Spelled like kernels/*.cu. Only in the emulated build.
+#include <ATen/ATen.h>
+
+#include "cuda_common.cuh"
+
+namespace resattn {
+namespace emu_selftest {
+namespace {
+
+// Thread t of each block writes its own shared slot, then reads the slot of thread
+// t + blockDim/2. Correct only with the barrier in between.
+__global__ void shared_exchange_kernel(float* out, bool barrier) {
+  RESATTN_DYNAMIC_SHARED(float, slots);
+  const unsigned int t = threadIdx.x, n = blockDim.x;
+  slots[t] = static_cast<float>(t + 1);
+  if (barrier) __syncthreads();
+  out[blockIdx.x * n + t] = slots[(t + n / 2) % n];
+}
+
+// Writes elements 0..n of an n-element buffer: one element past its end.
+__global__ void off_by_one_kernel(float* out, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i <= n; i += stride) {
+    out[i] = 1.0f;
+  }
+}
+
+}  // namespace
+
+// (blocks * threads) floats; element b*threads + t is (t + threads/2) % threads + 1 when
+// the exchange is synchronised.
+at::Tensor shared_exchange(int64_t blocks, int64_t threads, bool barrier) {
+  TORCH_CHECK(blocks >= 1 && threads >= 2, "shared_exchange: blocks >= 1 and threads >= 2");
+  at::Tensor out = at::empty({blocks * threads}, at::kFloat);
+  RESATTN_LAUNCH(static_cast<unsigned int>(blocks), static_cast<unsigned int>(threads),
+                 threads * sizeof(float), cuda::current_stream(), shared_exchange_kernel)(
+      out.data_ptr<float>(), barrier);
+  RESATTN_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Fills a fresh n-element tensor with ones, and one element past its end.
+at::Tensor out_of_bounds_write(int64_t n) {
+  at::Tensor out = at::empty({n}, at::kFloat);
+  RESATTN_LAUNCH(cuda::num_blocks(n), cuda::kThreads, 0, cuda::current_stream(), off_by_one_kernel)(
+      out.data_ptr<float>(), n);
+  RESATTN_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace emu_selftest
+}  // namespace resattn

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 __all__ = ["C", "EMULATED", "load_error", "emulation_error", "build_info"]
 
@@ -31,7 +31,7 @@ except Exception as exc:  # ImportError, or an undefined symbol from a torch mis
     load_error = f"{type(exc).__name__}: {exc}"
 
 
-def _load_emulated() -> "tuple[Optional[Any], Optional[str]]":
+def _load_emulated() -> Tuple[Optional[Any], Optional[str]]:
     choice = os.environ.get("RESATTN_CUDA_EMULATION", "1").strip().lower()
     if choice in ("0", "off", "no", "false"):
         return None, "disabled by RESATTN_CUDA_EMULATION=0"

@@ -123,8 +123,26 @@ def _extensions():
             extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
             optional=optional,
         )
-    return [ext, *_emulation_extensions(CppExtension, include_dirs)], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None
-                                                            or _has_ninja_module())}
+    use_ninja = shutil.which("ninja") is not None or _has_ninja_module()
+    return ([ext, *_emulation_extensions(CppExtension, include_dirs)],
+            {"build_ext": _per_extension_build_dirs(BuildExtension.with_options(use_ninja=use_ninja))})
+
+
+def _per_extension_build_dirs(base):
+    """build_ext with one object directory per extension: the emulated module and its
+    AddressSanitizer twin compile the same sources with different flags, and would
+    otherwise overwrite each other's objects (and rebuild both every time)."""
+
+    class BuildExt(base):
+        def build_extension(self, ext):
+            shared = self.build_temp
+            self.build_temp = os.path.join(shared, ext.name.rsplit(".", 1)[-1])
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = shared
+
+    return BuildExt
 
 
 def _flag(name: str) -> bool:
@@ -143,7 +161,9 @@ def _emulation_extensions(CppExtension, include_dirs):
     include_dirs = [*include_dirs, os.path.join(ROOT, "csrc", "emulation")]
     # Strict aliasing off: the kernels read float buffers through 128-bit vector structs,
     # which nvcc allows and a host optimiser need not.
-    cxx = ["-O2", "-fno-strict-aliasing", "-pthread", "-DRESATTN_CUDA_EMULATION"]
+    # `#pragma unroll` is nvcc's; the host compiler ignores it.
+    cxx = ["-O2", "-fno-strict-aliasing", "-pthread", "-Wno-unknown-pragmas",
+           "-DRESATTN_CUDA_EMULATION"]
     exts = [CppExtension("resattn_fast._C_cuda_emulated", sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": cxx}, extra_link_args=["-pthread"])]
     if _flag("RESATTN_BUILD_CUDA_EMULATION_ASAN"):

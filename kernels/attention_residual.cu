@@ -125,7 +125,8 @@ at::Tensor attention_residual_cuda(const at::Tensor& mask_logits, const at::Tens
         scalar_t* op = out.data_ptr<scalar_t>();
         const bool vec = all_aligned({mp, fp, op});
         RESATTN_DISPATCH_VEC(vec, [&] {
-          RESATTN_LAUNCH(num_blocks((n + VEC - 1) / VEC), kThreads, 0, stream, attention_residual_forward_kernel<scalar_t, VEC>)(mp, fp, op, n);
+          RESATTN_LAUNCH(num_blocks((n + VEC - 1) / VEC), kThreads, 0, stream,
+                         attention_residual_forward_kernel<scalar_t, VEC>)(mp, fp, op, n);
           RESATTN_KERNEL_LAUNCH_CHECK();
         });
       });
@@ -159,7 +160,8 @@ std::tuple<at::Tensor, at::Tensor> attention_residual_backward_cuda(const at::Te
         scalar_t* gfp = grad_f.data_ptr<scalar_t>();
         const bool vec = all_aligned({gp, mp, fp, gmp, gfp});
         RESATTN_DISPATCH_VEC(vec, [&] {
-          RESATTN_LAUNCH(num_blocks((n + VEC - 1) / VEC), kThreads, 0, stream, attention_residual_backward_kernel<scalar_t, VEC>)(gp, mp, fp, gmp, gfp, n);
+          RESATTN_LAUNCH(num_blocks((n + VEC - 1) / VEC), kThreads, 0, stream,
+                         attention_residual_backward_kernel<scalar_t, VEC>)(gp, mp, fp, gmp, gfp, n);
           RESATTN_KERNEL_LAUNCH_CHECK();
         });
       });

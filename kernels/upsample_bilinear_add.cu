@@ -367,7 +367,8 @@ at::Tensor upsample_bilinear_add_cuda(const at::Tensor& x_in, const std::optiona
           RESATTN_DISPATCH_VEC(vec, [&] {
             RESATTN_DISPATCH_INDEX(use32, [&] {
               const int64_t items = N * H * W * (C / VEC);
-              RESATTN_LAUNCH(num_blocks(items), kThreads, 0, stream, upsample_forward_cl_kernel<scalar_t, index_t, VEC>)(
+              RESATTN_LAUNCH(num_blocks(items), kThreads, 0, stream,
+                             upsample_forward_cl_kernel<scalar_t, index_t, VEC>)(
                       xp, sp, op, items, static_cast<index_t>(C), static_cast<index_t>(h),
                       static_cast<index_t>(w), static_cast<index_t>(H), static_cast<index_t>(W),
                       scale_h, scale_w, align_corners);
@@ -382,7 +383,8 @@ at::Tensor upsample_bilinear_add_cuda(const at::Tensor& x_in, const std::optiona
             constexpr int VEC = decltype(vec_tag)::value;
             RESATTN_DISPATCH_INDEX(use32, [&] {
               const int64_t items = N * C * H * (W / VEC);
-              RESATTN_LAUNCH(num_blocks(items), kThreads, 0, stream, upsample_forward_nchw_kernel<scalar_t, index_t, VEC>)(
+              RESATTN_LAUNCH(num_blocks(items), kThreads, 0, stream,
+                             upsample_forward_nchw_kernel<scalar_t, index_t, VEC>)(
                       xp, sp, op, items, static_cast<index_t>(h), static_cast<index_t>(w),
                       static_cast<index_t>(H), static_cast<index_t>(W), scale_h, scale_w,
                       align_corners);
@@ -434,7 +436,8 @@ at::Tensor upsample_bilinear_add_backward_cuda(const at::Tensor& grad_in, at::In
             RESATTN_DISPATCH_INDEX(use32, [&] {
               RESATTN_DISPATCH_TABLED(ay.tabled, [&] {
                 const int64_t items = N * h * w * (C / VEC);
-                RESATTN_LAUNCH(num_blocks(items), kThreads, smem, stream, upsample_backward_cl_kernel<scalar_t, index_t, VEC, kTabled>)(
+                RESATTN_LAUNCH(num_blocks(items), kThreads, smem, stream,
+                               upsample_backward_cl_kernel<scalar_t, index_t, VEC, kTabled>)(
                         gp, gxp, items, static_cast<index_t>(C), static_cast<index_t>(h),
                         static_cast<index_t>(w), static_cast<index_t>(H),
                         static_cast<index_t>(W), ay, ax);
@@ -446,7 +449,8 @@ at::Tensor upsample_bilinear_add_backward_cuda(const at::Tensor& grad_in, at::In
           RESATTN_DISPATCH_INDEX(use32, [&] {
             RESATTN_DISPATCH_TABLED(ay.tabled, [&] {
               const int64_t items = N * C * h * w;
-              RESATTN_LAUNCH(num_blocks(items), kThreads, smem, stream, upsample_backward_nchw_kernel<scalar_t, index_t, kTabled>)(
+              RESATTN_LAUNCH(num_blocks(items), kThreads, smem, stream,
+                             upsample_backward_nchw_kernel<scalar_t, index_t, kTabled>)(
                       gp, gxp, items, static_cast<index_t>(h), static_cast<index_t>(w),
                       static_cast<index_t>(H), static_cast<index_t>(W), ay, ax);
               RESATTN_KERNEL_LAUNCH_CHECK();

@@ -14,6 +14,7 @@ namespace resattn {
 namespace emu_selftest {
 at::Tensor shared_exchange(int64_t blocks, int64_t threads, bool barrier);
 at::Tensor out_of_bounds_write(int64_t n);
+at::Tensor misaligned_vector_read(int64_t nvec);
 }  // namespace emu_selftest
 }  // namespace resattn
 
@@ -92,4 +93,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Shared-memory exchange between threads, with or without the barrier it needs.");
   m.def("selftest_out_of_bounds_write", &resattn::emu_selftest::out_of_bounds_write,
         "A kernel that writes one element past the end of its output (for AddressSanitizer).");
+  m.def("selftest_misaligned_vector_read", &resattn::emu_selftest::misaligned_vector_read,
+        "A kernel that reads 128-bit vectors from a pointer 4 bytes off alignment (for UBSan).");
 }

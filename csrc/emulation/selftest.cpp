@@ -1,5 +1,6 @@
 // Kernels that are wrong on purpose, to show that the emulation's nets catch what they are
-// for (tests/test_cuda_emulation.py). Spelled like kernels/*.cu. Only in the emulated build.
+// for (tests/test_cuda_emulation.py, tests/test_cuda_emulation_asan.py). Spelled like
+// kernels/*.cu. Only in the emulated build.
 #include <ATen/ATen.h>
 
 #include "cuda_common.cuh"
@@ -26,6 +27,15 @@ __global__ void off_by_one_kernel(float* out, int64_t n) {
   }
 }
 
+// Reads 128-bit vectors from `in`, whatever its alignment (the kernels check first).
+__global__ void unchecked_vector_copy_kernel(const float* in, float* out, int64_t nvec) {
+  using vec_t = cuda::AlignedVec<float, 4>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec; i += stride) {
+    reinterpret_cast<vec_t*>(out)[i] = reinterpret_cast<const vec_t*>(in)[i];
+  }
+}
+
 }  // namespace
 
 // (blocks * threads) floats; element b*threads + t is (t + threads/2) % threads + 1 when
@@ -45,6 +55,17 @@ at::Tensor out_of_bounds_write(int64_t n) {
   at::Tensor out = at::empty({n}, at::kFloat);
   RESATTN_LAUNCH(cuda::num_blocks(n), cuda::kThreads, 0, cuda::current_stream(), off_by_one_kernel)(
       out.data_ptr<float>(), n);
+  RESATTN_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// Copies 4 * nvec floats starting one float into a fresh buffer with 128-bit vector
+// loads: a misaligned access (a fault on a GPU; UBSan's alignment check in the ASan build).
+at::Tensor misaligned_vector_read(int64_t nvec) {
+  at::Tensor in = at::zeros({4 * nvec + 1}, at::kFloat);
+  at::Tensor out = at::empty({4 * nvec}, at::kFloat);
+  RESATTN_LAUNCH(cuda::num_blocks(nvec), cuda::kThreads, 0, cuda::current_stream(),
+                 unchecked_vector_copy_kernel)(in.data_ptr<float>() + 1, out.data_ptr<float>(), nvec);
   RESATTN_KERNEL_LAUNCH_CHECK();
   return out;
 }

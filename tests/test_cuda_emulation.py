@@ -170,6 +170,17 @@ def test_upsample_channels_last_misaligned_falls_back_to_scalar():
     assert ran[0].startswith("upsample_forward_cl_kernel<") and ran[0].endswith(", 1>"), ran
 
 
+def test_upsample_backward_channels_last_misaligned_grad_falls_back_to_scalar():
+    cl = torch.channels_last
+    grad = _offset(torch.randn(2, 8, 7, 9), memory_format=cl)
+    got = torch.ops.resattn_fast_emulated.upsample_bilinear_add_backward(grad, [4, 5], True)
+    x64 = torch.zeros(2, 8, 4, 5, dtype=torch.float64, requires_grad=True)
+    ref.upsample_bilinear_add(x64, None, size=(7, 9), align_corners=True).backward(grad.double())
+    torch.testing.assert_close(got.double(), x64.grad, atol=1e-5, rtol=1e-5)
+    (name,) = kernels()
+    assert name.startswith("upsample_backward_cl_kernel<float, int, 1, "), name
+
+
 @pytest.mark.parametrize("dtype,shape,vec", [
     (torch.float32, (2, 3, 4, 5), 4),  # 120 elements: vectors only
     (torch.float32, (2, 3, 5, 7), 4),  # 210: vectors and a 2-element scalar tail

@@ -225,6 +225,10 @@ def write_roofline(run: object, out_dir: str) -> Dict[str, str]:
               "- Op classes: generic elementwise ops (add, mul, copy) inside the soft-mask ops count as "
               "`upsample` (the eager upsample and its skip add) or `sigmoid/multiply` (the eager (1 + "
               "sigmoid(m)) * t), forward and backward; `add` is the residual adds and the gradient sums.",
+              "- Not modelled: caches (L2 reuse between kernels), cuDNN's algorithm choices, the CPU side "
+              "of eager dispatch, batch norm kernels that read their input twice (statistics, then "
+              "normalisation), PyTorch's CUDA upsample backward zero-filling grad_x and scattering with "
+              "atomics (the model prices the ideal one pass, so it flatters eager there).",
               "- Memory: parameters + gradients + momentum + buffers + activations kept for backward "
               "(saved_tensors_hooks, unique storages, parameters excluded) + a workspace of twice the "
               "largest tensor the step writes; max batch = the largest batch that fits in 99% of the "

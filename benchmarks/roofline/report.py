@@ -9,11 +9,14 @@ import io
 import math
 import os
 import statistics
-from typing import Dict, List, Sequence
+from typing import TYPE_CHECKING, Dict, List, Sequence
 
 from ..common import CSV_COLUMNS
 from .model import StepPrediction
 from .trace import CLASSES, SOFT_MASK_CLASSES
+
+if TYPE_CHECKING:
+    from .suite import RooflineRun
 
 __all__ = ["write_roofline", "atomic_write", "network_table", "fuse_next"]
 
@@ -95,9 +98,9 @@ def fuse_next(preds: List[StepPrediction]) -> List[tuple]:
     return sorted(out, key=lambda t: -t[1])
 
 
-def _ops_table(run: object) -> List[str]:
+def _ops_table(run: RooflineRun) -> List[str]:
     by: Dict[tuple, Dict[str, Dict[str, object]]] = {}
-    for r in run.op_rows:  # type: ignore[attr-defined]
+    for r in run.op_rows:
         by.setdefault((r["name"], r["shape"], r["dtype"], r["layout"], r["mode"]), {})[str(r["impl"])] = r
     rows = []
     for (name, shape, dtype, layout, mode), d in by.items():
@@ -111,10 +114,16 @@ def _ops_table(run: object) -> List[str]:
                    "fused bytes", "fused kernels", "fused predicted", "eager / fused"], rows)
 
 
-def _calibration_lines(run: object) -> List[str]:
-    cal = run.calibration  # type: ignore[attr-defined]
+def _fmt_value(v: float, unit: str) -> str:
+    return f"{v:.3f} ms" if unit == "ms" else f"{v:.0f} {unit}"
+
+
+def _calibration_lines(run: RooflineRun) -> List[str]:
+    cal = run.calibration
     out: List[str] = []
     for kind, title in (("step", "Network training steps (models suite, plain SGD as it runs)"),
+                        ("max_batch", "Largest training batch that fits (models suite's search, without "
+                                      "checkpointing)"),
                         ("op", "Fused ops and their eager expressions (ops suite)")):
         rows = [c for c in cal if c["kind"] == kind]
         if not rows:
@@ -123,12 +132,13 @@ def _calibration_lines(run: object) -> List[str]:
         out += [f"### {title}", ""]
         if ratios:
             out += [f"measured / predicted: median {statistics.median(ratios):.2f}, range {min(ratios):.2f} to "
-                    f"{max(ratios):.2f} over {len(ratios)} rows (1 = the model is exact; above 1 = slower than "
-                    "predicted).", ""]
+                    f"{max(ratios):.2f} over {len(ratios)} rows (1 = the model is exact"
+                    + ("; above 1 = slower than predicted" if kind != "max_batch" else "") + ").", ""]
         out += _table(["name", "impl", "backend", "mode", "dtype", "layout", "shape", "measured", "predicted",
                        "measured / predicted"],
                       [[c["name"], c["impl"], c["backend"], c["mode"], c["dtype"], c["layout"], c["shape"],
-                        f"{float(c['measured']):.3f} ms", f"{float(c['predicted']):.3f} ms",
+                        _fmt_value(float(c["measured"]), str(c["unit"])),
+                        _fmt_value(float(c["predicted"]), str(c["unit"])),
                         f"{float(c['ratio']):.2f}"] for c in rows])
         out.append("")
     return out
@@ -176,10 +186,10 @@ def _plot(preds: List[StepPrediction], title: str) -> bytes:
     return buf.getvalue()
 
 
-def write_roofline(run: object, out_dir: str) -> Dict[str, str]:
+def write_roofline(run: RooflineRun, out_dir: str) -> Dict[str, str]:
     """Write results.csv, report.md and (with predictions) roofline_breakdown.png."""
-    res, gpu = run.res, run.gpu  # type: ignore[attr-defined]
-    preds: List[StepPrediction] = run.predictions  # type: ignore[attr-defined]
+    res, gpu = run.res, run.gpu
+    preds: List[StepPrediction] = run.predictions
     os.makedirs(out_dir, exist_ok=True)
     paths: Dict[str, str] = {}
     buf = io.StringIO()
@@ -190,8 +200,8 @@ def write_roofline(run: object, out_dir: str) -> Dict[str, str]:
     paths["csv"] = os.path.join(out_dir, "results.csv")
     atomic_write(paths["csv"], buf.getvalue().encode())
 
-    dt = "bfloat16 autocast (AMP)" if run.dtype == "bf16" else "float32 (convolutions in TF32)"  # type: ignore[attr-defined]
-    layout = "channels_last" if run.channels_last else "NCHW"  # type: ignore[attr-defined]
+    dt = "bfloat16 autocast (AMP)" if run.dtype == "bf16" else "float32 (convolutions in TF32)"
+    layout = "channels_last" if run.channels_last else "NCHW"
     lines = ["# resattn_fast roofline model: predicted GPU training step", "",
              "**A model (prediction), not a measurement.** Every number below comes from tracing the step on "
              "fake tensors on a CPU and pricing each kernel with datasheet figures.", "",
@@ -205,11 +215,11 @@ def write_roofline(run: object, out_dir: str) -> Dict[str, str]:
     lines += [f"- traced on: {res.info.get('traced_on')} with torch {res.info.get('torch')} "
               f"(python {res.info.get('python')}); {res.timestamp}",
               f"- configuration: {dt}, {layout}; optimizer "
-              + ("as the measured run (plain SGD, foreach)" if run.calibration else  # type: ignore[attr-defined]
+              + ("as the measured run (plain SGD, foreach)" if run.calibration else
                  "SGD with Nesterov momentum 0.9 and weight decay 1e-4 (the training recipe), foreach"),
               f"- wall time of this run: {res.suites_s.get('roofline', 0):.0f} s"
-              + (" (tracing: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.trace_s.items()) + ")"  # type: ignore[attr-defined]
-                 if run.trace_s else ""), "",  # type: ignore[attr-defined]
+              + (" (tracing: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.trace_s.items()) + ")"
+                 if run.trace_s else ""), "",
               "## The model", "",
               "- One training step (forward under autocast, cross-entropy, backward, optimizer step; momentum "
               "buffers already allocated) runs under FakeTensorMode; a TorchDispatchMode records every aten op "
@@ -242,11 +252,11 @@ def write_roofline(run: object, out_dir: str) -> Dict[str, str]:
             lines += ["## Memory-bound classes of the fast networks, by predicted share (what to fuse next)", ""]
             lines += _table(["class", "mean share", "min", "max"],
                             [[c, f"{m:.1%}", f"{lo:.1%}", f"{hi:.1%}"] for c, m, lo, hi in nxt]) + [""]
-    if run.op_rows:  # type: ignore[attr-defined]
+    if run.op_rows:
         lines += ["## Fused ops at the ops suite's headline shapes (prediction)", ""] + _ops_table(run) + [""]
-    if run.calibration:  # type: ignore[attr-defined]
+    if run.calibration:
         lines += ["## Calibration: measured / predicted", "",
-                  f"Measured rows: `{run.measured_path}`; predictions for exactly those configurations.", ""]  # type: ignore[attr-defined]
+                  f"Measured rows: `{run.measured_path}`; predictions for exactly those configurations.", ""]
         lines += _calibration_lines(run)
     if preds:
         png = _plot(preds, f"Predicted training step by op class, {gpu.name}, {dt}, {layout} (roofline model)")

@@ -23,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ..bench_ops import OpCase, op_cases
 from ..common import Results
 from .devices import GPUS, Gpu, from_device_name, lookup, torch_datasheet
 from .model import StepPrediction, predict_kernels, predict_step
@@ -147,17 +148,15 @@ def _trace_net(run: RooflineRun, net: str, impl: str, batch: int, optimizer: str
     return pred
 
 
-def _headline_op_cases(batch: int) -> List[object]:
-    from benchmarks.bench_ops import op_cases
-
+def _headline_op_cases(batch: int) -> List[OpCase]:
     return [c for c in op_cases(imagenet_batch=batch, cifar_batch=2 * batch) if c.headline]
 
 
-def _op_shapes(case: object) -> Tuple[List[Tuple[int, ...]], Optional[Tuple[int, int]]]:
-    if case.op == "upsample_bilinear_add":  # type: ignore[attr-defined]
-        shapes = [case.in_shape] + ([case.out_shape] if case.skip else [])  # type: ignore[attr-defined]
-        return shapes, case.out_hw  # type: ignore[attr-defined]
-    return [case.out_shape, case.out_shape], None  # type: ignore[attr-defined]
+def _op_shapes(case: OpCase) -> Tuple[List[Tuple[int, ...]], Optional[Tuple[int, int]]]:
+    if case.op == "upsample_bilinear_add":
+        shapes = [case.in_shape] + ([case.out_shape] if case.skip else [])
+        return shapes, case.out_hw
+    return [case.out_shape, case.out_shape], None
 
 
 def _predict_op(op: str, impl: str, shapes: List[Tuple[int, ...]], out_hw: Optional[Tuple[int, int]],
@@ -173,11 +172,11 @@ def _ops_rows(run: RooflineRun, log: Callable[[str], None]) -> None:
     for case in _headline_op_cases(run.batch):
         shapes, out_hw = _op_shapes(case)
         for impl in ("eager", "fused"):
-            preds = _predict_op(case.op, impl, shapes, out_hw, dtype, run.channels_last, run.gpu)  # type: ignore[attr-defined]
+            preds = _predict_op(case.op, impl, shapes, out_hw, dtype, run.channels_last, run.gpu)
             for mode in MODES:
                 p = preds[mode]
-                key = dict(suite="roofline", name=case.op, impl=impl,  # type: ignore[attr-defined]
-                           backend="model", mode=mode, dtype=op_dtype, layout=layout, shape=case.shape)  # type: ignore[attr-defined]
+                key = dict(suite="roofline", name=case.op, impl=impl,
+                           backend="model", mode=mode, dtype=op_dtype, layout=layout, shape=case.shape)
                 _add(run.res, key, "bytes", "bytes", p["bytes"])
                 _add(run.res, key, "kernels", "count", p["launches"])
                 _add(run.res, key, "predicted_ms", "ms", p["ms"])
@@ -189,6 +188,8 @@ def _ops_rows(run: RooflineRun, log: Callable[[str], None]) -> None:
 _NET_SHAPE = re.compile(r"^(\d+)x3x(\d+)x(\d+)$")
 _UP_SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)x(\d+)>(\d+)x(\d+)(\+skip)?$")
 _ATT_SHAPE = re.compile(r"^(\d+)x(\d+)x(\d+)x(\d+)$")
+_MAX_BATCH_SHAPE = re.compile(r"^Nx3x(\d+)x(\d+)$")
+_MAX_BATCH_TRACE = 64  # the batch traced to predict the largest batch (memory is linear in it)
 
 
 def _read_measured(path: str) -> List[Dict[str, str]]:
@@ -216,13 +217,13 @@ def _measured_cases(rows: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], L
             v = float(r["median"])
         except (TypeError, ValueError):
             continue
-        if not (v > 0 and math.isfinite(v)) or r["metric"] != "time":
+        if not (v > 0 and math.isfinite(v)) or r["metric"] not in ("time", "max_batch"):
             continue
         if (r["suite"] == "models" and r["mode"] == "train" and r["impl"] in ("reference", "fast")
-                and r["name"] in nets and _NET_SHAPE.match(r["shape"])
-                and r["dtype"] in ("amp_bfloat16", "float32")):
+                and r["name"] in nets and r["dtype"] in ("amp_bfloat16", "float32")
+                and (_NET_SHAPE.match(r["shape"]) if r["metric"] == "time" else _MAX_BATCH_SHAPE.match(r["shape"]))):
             models.append(r)
-        elif (r["suite"] == "ops" and r["name"] in OPS and r["impl"] in ("eager", "fused")
+        elif (r["suite"] == "ops" and r["metric"] == "time" and r["name"] in OPS and r["impl"] in ("eager", "fused")
               and r["mode"] in MODES and r["dtype"] in ("bfloat16", "float32", "float16")):
             ops.append(r)
     return models, ops
@@ -233,8 +234,8 @@ def _calibrate(run: RooflineRun, path: str, log: Callable[[str], None]) -> None:
     models, ops = _measured_cases(rows)
     if not models and not ops:
         raise RooflineUsageError(
-            f"--measured: {path} has no rows to compare with (looked for suite=models mode=train metric=time "
-            "impl reference/fast, and suite=ops metric=time of upsample_bilinear_add / attention_residual)")
+            f"--measured: {path} has no rows to compare with (looked for suite=models mode=train metric=time or "
+            "max_batch, impl reference/fast, and suite=ops metric=time of upsample_bilinear_add / attention_residual)")
     run.measured_path = path
     devs = sorted({r.get("device", "") for r in rows if r.get("device")})
     run.res.notes.append(f"measured rows from {path} (device: {', '.join(devs) or 'not recorded'})")
@@ -247,17 +248,19 @@ def _calibrate(run: RooflineRun, path: str, log: Callable[[str], None]) -> None:
     cache: Dict[Tuple[str, str, int, bool, bool], StepPrediction] = {}
     for r in models:
         m = _NET_SHAPE.match(r["shape"])
-        assert m is not None
-        batch, amp, cl = int(m.group(1)), r["dtype"] == "amp_bfloat16", r["layout"] == "channels_last"
+        batch = int(m.group(1)) if m else _MAX_BATCH_TRACE
+        amp, cl = r["dtype"] == "amp_bfloat16", r["layout"] == "channels_last"
         k = (r["name"], r["impl"], batch, amp, cl)
         if k not in cache:
             t0 = time.perf_counter()
             tr = trace_step(r["name"], r["impl"], batch, amp=amp, channels_last=cl, optimizer="sgd")
             cache[k] = predict_step(tr, run.gpu)
             run.trace_s[f"{r['name']} {r['impl']}"] = time.perf_counter() - t0
-            log(f"  {r['name']} {r['impl']} {r['shape']}: predicted {cache[k].step_ms:.1f} ms, "
-                f"measured {float(r['median']):.1f} ms")
-        _calib_row(run, r, cache[k].step_ms, "step")
+            log(f"  {r['name']} {r['impl']} batch {batch}: traced, predicted {cache[k].step_ms:.1f} ms/step")
+        if r["metric"] == "max_batch":
+            _calib_row(run, r, float(cache[k].max_batch), "max_batch")
+        else:
+            _calib_row(run, r, cache[k].step_ms, "step")
     op_cache: Dict[Tuple[str, str, str, str, str], Dict[str, Dict[str, float]]] = {}
     dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
     for r in ops:
@@ -269,7 +272,7 @@ def _calibrate(run: RooflineRun, path: str, log: Callable[[str], None]) -> None:
             op_cache[k2] = _predict_op(r["name"], r["impl"], shapes_hw[0], shapes_hw[1], dtypes[r["dtype"]],
                                        r["layout"] == "channels_last", run.gpu)
         _calib_row(run, r, op_cache[k2][r["mode"]]["ms"], "op")
-    log(f"  calibration: {len(models)} network rows, {len(ops)} op rows")
+    log(f"  calibration: {len(models)} network rows (step times and largest batches), {len(ops)} op rows")
 
 
 def _parse_op_shape(op: str, shape: str) -> Optional[Tuple[List[Tuple[int, ...]], Optional[Tuple[int, int]]]]:
@@ -286,15 +289,18 @@ def _parse_op_shape(op: str, shape: str) -> Optional[Tuple[List[Tuple[int, ...]]
     return [s, s], None
 
 
-def _calib_row(run: RooflineRun, r: Dict[str, str], predicted_ms: float, kind: str) -> None:
+def _calib_row(run: RooflineRun, r: Dict[str, str], predicted: float, kind: str) -> None:
+    """measured, predicted and measured / predicted rows: times in ms, or (kind
+    "max_batch") the largest batch that fits, in images."""
     measured = float(r["median"])
     key = dict(suite="roofline", name=r["name"], impl=r["impl"], backend=r.get("backend", ""), mode=r["mode"],
                dtype=r["dtype"], layout=r["layout"], shape=r["shape"])
-    _add(run.res, key, "measured_ms", "ms", measured)
-    _add(run.res, key, "predicted_ms", "ms", predicted_ms)
-    ratio = measured / predicted_ms if predicted_ms else math.nan
+    what, unit = ("max_batch", "images") if kind == "max_batch" else ("ms", "ms")
+    _add(run.res, key, f"measured_{what}", unit, measured)
+    _add(run.res, key, f"predicted_{what}", unit, predicted)
+    ratio = measured / predicted if predicted else math.nan
     _add(run.res, key, "measured_over_predicted", "ratio", ratio)
-    run.calibration.append(dict(key, kind=kind, measured=measured, predicted=predicted_ms, ratio=ratio))
+    run.calibration.append(dict(key, kind=kind, measured=measured, predicted=predicted, ratio=ratio, unit=unit))
 
 
 # Entry point -------------------------------------------------------------------------------

@@ -339,6 +339,7 @@ def test_calibration_writes_measured_over_predicted(tmp_path: str) -> None:
 @pytest.mark.parametrize("argv, message", [
     (["--gpu", "H100", "--measured", "MISSING"], "--measured:"),
     (["--gpu", "H100", "--measured", "EMPTY"], "has no rows to compare with"),
+    (["--gpu", "H100", "--measured", "OURS"], "would overwrite the measured"),
     (["--gpu", "Z9"], "--gpu: unknown GPU"),
     ([], "needs --gpu"),
     (["--gpu", "H100", "--dtype", "fp8"], "--dtype"),
@@ -350,7 +351,11 @@ def test_bad_roofline_input_is_one_line_and_exit_2(tmp_path: str, capsys: pytest
     with open(empty, "w") as f:
         f.write("suite,name,impl,backend,mode,dtype,layout,shape,metric,unit,median,p20,p80,device,torch,timestamp\n")
         f.write("ops,copy,copy,torch,copy,bfloat16,contiguous,10,bandwidth,GB/s,1,1,1,H,t,x\n")
-    argv = [{"MISSING": os.path.join(str(tmp_path), "none.csv"), "EMPTY": empty}.get(a, a) for a in argv]
+    ours = os.path.join(str(tmp_path), "results.csv")  # what --out tmp_path would write
+    with open(ours, "w") as f:
+        f.write(open(empty).read())
+    argv = [{"MISSING": os.path.join(str(tmp_path), "none.csv"), "EMPTY": empty, "OURS": ours}.get(a, a)
+            for a in argv]
     assert bench_run.main(["--suite", "roofline", *argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -229,7 +229,10 @@ def _measured_cases(rows: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], L
     return models, ops
 
 
-def _calibrate(run: RooflineRun, path: str, log: Callable[[str], None]) -> None:
+def _calibrate(run: RooflineRun, path: str, out_dir: str, log: Callable[[str], None]) -> None:
+    ours = os.path.join(out_dir, "results.csv")
+    if os.path.exists(ours) and os.path.exists(path) and os.path.samefile(ours, path):
+        raise RooflineUsageError(f"--out {out_dir} would overwrite the measured {path}; give another --out directory")
     rows = _read_measured(path)
     models, ops = _measured_cases(rows)
     if not models and not ops:
@@ -345,7 +348,7 @@ def run_roofline(args: argparse.Namespace, command: str, log: Callable[[str], No
     log(f"roofline: {gpu.name}; {gpu.bandwidth_gbs:g} GB/s, bf16 {gpu.matmul_tflops['bfloat16']:g} TFLOP/s dense, "
         f"launch {gpu.launch_us:g} us")
     if args.measured:
-        _calibrate(run, args.measured, log)
+        _calibrate(run, args.measured, args.out, log)
     else:
         models_dtype, _ = _dtype_names(dtype)
         layout = "channels_last" if run.channels_last else "nchw"

@@ -240,7 +240,8 @@ def write_roofline(run: RooflineRun, out_dir: str) -> Dict[str, str]:
               "normalisation), PyTorch's CUDA upsample backward zero-filling grad_x and scattering with "
               "atomics (the model prices the ideal one pass, so it flatters eager there).",
               "- Memory: parameters + gradients + momentum + buffers + activations kept for backward "
-              "(saved_tensors_hooks, unique storages, parameters excluded) + a workspace of twice the "
+              "(saved_tensors_hooks, unique storages, parameters excluded; autocast's bfloat16 weight copies "
+              "count) + a workspace of twice the "
               "largest tensor the step writes; max batch = the largest batch that fits in 99% of the "
               "capacity less 1.5 GiB (context, cuDNN), less 5% (allocator); activations taken as "
               "proportional to the batch.", ""]

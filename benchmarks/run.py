@@ -3,6 +3,8 @@ PyTorch and torch.compile, on the CPU or a CUDA GPU.
 
     python benchmarks/run.py --suite all --device cpu --quick --out /tmp/bench_cpu
     python benchmarks/run.py --suite all --device cuda --out OUTDIR      (gpu_check.sh)
+    python benchmarks/run.py --suite roofline --gpu H100 --channels-last --out OUTDIR
+                                          (a model of the GPU training step; see benchmarks/roofline)
 
 Writes OUTDIR/results.csv (long format), OUTDIR/report.md, OUTDIR/skipped.csv and PNG
 plots; prints the headline table last. Every loop is bounded by time, so ``--quick`` on a
@@ -29,6 +31,8 @@ ensure_package_importable()
 
 import torch  # noqa: E402
 
+from benchmarks.roofline.report import write_roofline  # noqa: E402
+from benchmarks.roofline.suite import RooflineRun, RooflineUsageError, run_roofline  # noqa: E402
 from resattn_fast.errors import UsageError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -45,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python benchmarks/run.py",
         description="Benchmark the fused soft-mask ops and the networks against eager PyTorch "
                     "and torch.compile; writes results.csv, report.md and plots into --out.")
-    p.add_argument("--suite", choices=("ops", "models", "all"), default="all")
+    p.add_argument("--suite", choices=("ops", "models", "all", "roofline"), default="all",
+                   help="all = ops + models; roofline = the predicted GPU training step (no GPU needed)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", required=True, help="output directory (created if missing)")
     p.add_argument("--quick", action="store_true",
@@ -62,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: float32,bfloat16,float16 (default: float32 on CPU, all three on GPU)")
     p.add_argument("--layouts", default="nchw,channels_last", help="comma-separated: nchw,channels_last")
     p.add_argument("--batch", type=int, default=None,
-                   help="batch of the ImageNet-shaped op cases (default 8 on CPU, 64 on GPU)")
+                   help="batch of the ImageNet-shaped op cases (default 8 on CPU, 64 on GPU); roofline: "
+                        "batch of the 224x224 networks and the headline op shapes (default 64; 32x32 "
+                        "networks take twice as many)")
     p.add_argument("--nets", default=None,
                    help="comma-separated networks for the models suite (default: attention56, "
                         "attention92, attention236_cifar, attention452_cifar; --quick: fewer)")
@@ -80,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 180 on GPU, 120 with --quick, none otherwise)")
     p.add_argument("--tiny", action="store_true",
                    help="smoke test: tiny op shapes and tiny batches (used by the tests; numbers meaningless)")
+    from benchmarks.roofline.suite import add_arguments
+
+    add_arguments(p)
     return p
 
 
@@ -132,6 +142,8 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None] = pri
     from benchmarks import bench_models, bench_ops, report
     from resattn_fast.ops import available_backends
 
+    if args.suite == "roofline":
+        raise AssertionError("the roofline suite runs through run_roofline (see main)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA GPU is visible to torch here (use --device cpu)")
     device = torch.device(args.device)
@@ -287,15 +299,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     command = "python benchmarks/run.py " + " ".join(shlex.quote(a) for a in argv)
     results: List[Results] = []
+    roofline_runs: List[RooflineRun] = []
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_signal)
     try:
-        run(args, command, results=results)
-    except UsageError as exc:
+        if args.suite == "roofline":
+            run_roofline(args, command, holder=roofline_runs)
+        else:
+            run(args, command, results=results)
+    except (UsageError, RooflineUsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (Interrupted, KeyboardInterrupt) as exc:
+        if roofline_runs:
+            rr = roofline_runs[0]
+            rr.res.notes.append(f"run interrupted ({exc or 'keyboard interrupt'}): the tables hold what was "
+                                "traced before that")
+            paths = write_roofline(rr, args.out)
+            print(f"interrupted; wrote {', '.join(sorted(paths.values()))}", file=sys.stderr)
         if results:
             from benchmarks import report
 

@@ -1,0 +1,274 @@
+"""Writes a roofline run: results.csv (the suite's long format), report.md and
+roofline_breakdown.png (a stacked bar per network and implementation: where the predicted
+step goes). Every file is written to a temporary name, synced, then renamed."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import statistics
+from typing import TYPE_CHECKING, Dict, List, Sequence
+
+from ..common import CSV_COLUMNS
+from .model import StepPrediction
+from .trace import CLASSES, SOFT_MASK_CLASSES
+
+if TYPE_CHECKING:
+    from .suite import RooflineRun
+
+__all__ = ["write_roofline", "atomic_write", "network_table", "fuse_next"]
+
+MEMORY_BOUND_CLASSES = tuple(c for c in CLASSES if c not in ("convolution",) + SOFT_MASK_CLASSES)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync, os.replace."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fmt_bytes(v: float) -> str:
+    if v >= 2**30:
+        return f"{v / 2**30:.2f} GiB"
+    if v >= 2**20:
+        return f"{v / 2**20:.1f} MiB"
+    return f"{v / 2**10:.1f} KiB"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> List[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def _pairs(preds: List[StepPrediction]) -> Dict[str, Dict[str, StepPrediction]]:
+    out: Dict[str, Dict[str, StepPrediction]] = {}
+    for p in preds:
+        out.setdefault(p.trace.net, {})[p.trace.impl] = p
+    return out
+
+
+def network_table(preds: List[StepPrediction], nets: Sequence[str] = ()) -> List[str]:
+    """Markdown table of the predicted step of each network, reference and fast."""
+    rows = []
+    for net, by in _pairs(preds).items():
+        if nets and net not in nets:
+            continue
+        ref = by.get("reference")
+        for impl in ("reference", "fast"):
+            p = by.get(impl)
+            if p is None:
+                continue
+            tr = p.trace
+            speed = f"{ref.step_ms / p.step_ms:.2f}x" if ref and impl == "fast" else ""
+            rows.append([net, f"{tr.batch}x3x{tr.input_size}x{tr.input_size}", impl,
+                         f"{tr.fwd_flops_per_image / 1e9:.2f}", f"{p.step_flops / 1e12:.2f}",
+                         f"{p.step_bytes / 1e9:.1f}", f"{p.launches}", f"{p.step_ms:.1f}",
+                         f"{p.images_per_s:.0f}", speed, f"{p.soft_mask_share:.1%}",
+                         _fmt_bytes(tr.activation_bytes), f"{p.max_batch}"])
+    return _table(["network", "input", "impl", "fwd GFLOP/image", "step TFLOP", "step GB", "kernels",
+                   "predicted ms/step", "images/s", "fast vs reference", "soft-mask ops",
+                   "activations kept", "max batch"], rows)
+
+
+def _share_table(preds: List[StepPrediction]) -> List[str]:
+    used = [c for c in CLASSES if any(p.class_ms.get(c, 0) > 0 for p in preds)]
+    rows = []
+    for p in preds:
+        rows.append([p.trace.net, p.trace.impl] + [f"{p.share(c):.1%}" for c in used]
+                    + [f"{p.soft_mask_share:.1%}", f"{p.compute_bound_ms / p.step_ms:.1%}"])
+    return _table(["network", "impl", *used, "soft-mask ops (sum)", "compute-bound kernels"], rows)
+
+
+def fuse_next(preds: List[StepPrediction]) -> List[tuple]:
+    """Memory-bound classes of the fast model ranked by their mean share of the step:
+    (class, mean share, min share, max share)."""
+    fast = [p for p in preds if p.trace.impl == "fast"]
+    out = []
+    for c in MEMORY_BOUND_CLASSES:
+        shares = [p.share(c) for p in fast]
+        if shares and max(shares) > 0:
+            out.append((c, statistics.mean(shares), min(shares), max(shares)))
+    return sorted(out, key=lambda t: -t[1])
+
+
+def _ops_table(run: RooflineRun) -> List[str]:
+    by: Dict[tuple, Dict[str, Dict[str, object]]] = {}
+    for r in run.op_rows:
+        by.setdefault((r["name"], r["shape"], r["dtype"], r["layout"], r["mode"]), {})[str(r["impl"])] = r
+    rows = []
+    for (name, shape, dtype, layout, mode), d in by.items():
+        e, f = d.get("eager"), d.get("fused")
+        if not e or not f:
+            continue
+        rows.append([name, shape, dtype, layout, mode, _fmt_bytes(float(e["bytes"])), f"{e['kernels']:.0f}",
+                     f"{float(e['ms']) * 1e3:.1f} us", _fmt_bytes(float(f["bytes"])), f"{f['kernels']:.0f}",
+                     f"{float(f['ms']) * 1e3:.1f} us", f"{float(e['ms']) / float(f['ms']):.2f}x"])
+    return _table(["op", "shape", "dtype", "layout", "mode", "eager bytes", "eager kernels", "eager predicted",
+                   "fused bytes", "fused kernels", "fused predicted", "eager / fused"], rows)
+
+
+def _fmt_value(v: float, unit: str) -> str:
+    return f"{v:.3f} ms" if unit == "ms" else f"{v:.0f} {unit}"
+
+
+def _calibration_lines(run: RooflineRun) -> List[str]:
+    cal = run.calibration
+    out: List[str] = []
+    for kind, title in (("step", "Network training steps (models suite, plain SGD as it runs)"),
+                        ("max_batch", "Largest training batch that fits (models suite's search, without "
+                                      "checkpointing)"),
+                        ("op", "Fused ops and their eager expressions (ops suite)")):
+        rows = [c for c in cal if c["kind"] == kind]
+        if not rows:
+            continue
+        ratios = [float(c["ratio"]) for c in rows if math.isfinite(float(c["ratio"]))]
+        out += [f"### {title}", ""]
+        if ratios:
+            out += [f"measured / predicted: median {statistics.median(ratios):.2f}, range {min(ratios):.2f} to "
+                    f"{max(ratios):.2f} over {len(ratios)} rows (1 = the model is exact"
+                    + ("; above 1 = slower than predicted" if kind != "max_batch" else "") + ").", ""]
+        out += _table(["name", "impl", "backend", "mode", "dtype", "layout", "shape", "measured", "predicted",
+                       "measured / predicted"],
+                      [[c["name"], c["impl"], c["backend"], c["mode"], c["dtype"], c["layout"], c["shape"],
+                        _fmt_value(float(c["measured"]), str(c["unit"])),
+                        _fmt_value(float(c["predicted"]), str(c["unit"])),
+                        f"{float(c['ratio']):.2f}"] for c in rows])
+        out.append("")
+    return out
+
+
+def _plot(preds: List[StepPrediction], title: str) -> bytes:
+    """PNG bytes of the stacked bars, or b"" when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:
+        return b""
+    pairs = _pairs(preds)
+    labels, stacks = [], []
+    for net, by in pairs.items():
+        ref = by.get("reference")
+        for impl in ("reference", "fast"):
+            p = by.get(impl)
+            if p is None:
+                continue
+            base = ref.step_ms if ref else p.step_ms
+            labels.append(f"{net} {impl}")
+            stacks.append({c: 100.0 * p.class_ms.get(c, 0.0) / base for c in CLASSES})
+    used = [c for c in CLASSES if any(s[c] > 0 for s in stacks)]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.8))
+    cmap = plt.get_cmap("tab20")
+    for i in range(len(labels)):
+        left = 0.0
+        for k, c in enumerate(used):
+            w = stacks[i][c]
+            ax.barh(i, w, left=left, color=cmap(k % 20), label=c if i == 0 else None)
+            left += w
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("predicted step time, % of the network's reference step (prediction, not a measurement)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.2 / max(len(labels), 1)))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_roofline(run: RooflineRun, out_dir: str) -> Dict[str, str]:
+    """Write results.csv, report.md and (with predictions) roofline_breakdown.png."""
+    res, gpu = run.res, run.gpu
+    preds: List[StepPrediction] = run.predictions
+    os.makedirs(out_dir, exist_ok=True)
+    paths: Dict[str, str] = {}
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for rec in res.csv_records():
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in rec.items()})
+    paths["csv"] = os.path.join(out_dir, "results.csv")
+    atomic_write(paths["csv"], buf.getvalue().encode())
+
+    dt = "bfloat16 autocast (AMP)" if run.dtype == "bf16" else "float32 (convolutions in TF32)"
+    layout = "channels_last" if run.channels_last else "NCHW"
+    lines = ["# resattn_fast roofline model: predicted GPU training step", "",
+             "**A model (prediction), not a measurement.** Every number below comes from tracing the step on "
+             "fake tensors on a CPU and pricing each kernel with datasheet figures.", "",
+             f"- command: `{res.command}`",
+             f"- GPU modelled: **{gpu.name}**: {gpu.bandwidth_gbs:g} GB/s DRAM; dense matrix rate bf16 "
+             f"{gpu.matmul_tflops['bfloat16']:g}, TF32 {gpu.matmul_tflops['tf32']:g}, float32 {gpu.fp32_tflops:g} "
+             f"TFLOP/s; {gpu.memory_gib:g} GiB; launch overhead {gpu.launch_us:g} us per kernel",
+             f"- source: {gpu.source}"]
+    for k, v in gpu.overridden.items():
+        lines.append(f"- override, {k}: {v}")
+    lines += [f"- traced on: {res.info.get('traced_on')} with torch {res.info.get('torch')} "
+              f"(python {res.info.get('python')}); {res.timestamp}",
+              f"- configuration: {dt}, {layout}; optimizer "
+              + ("as the measured run (plain SGD, foreach)" if run.calibration else
+                 "SGD with Nesterov momentum 0.9 and weight decay 1e-4 (the training recipe), foreach"),
+              f"- wall time of this run: {res.suites_s.get('roofline', 0):.0f} s"
+              + (" (tracing: " + ", ".join(f"{k} {v:.1f} s" for k, v in run.trace_s.items()) + ")"
+                 if run.trace_s else ""), "",
+              "## The model", "",
+              "- One training step (forward under autocast, cross-entropy, backward, optimizer step; momentum "
+              "buffers already allocated) runs under FakeTensorMode; a TorchDispatchMode records every aten op "
+              "and every `torch.ops.resattn_fast` op it launches (views and allocations launch nothing).",
+              "- FLOPs: torch.utils.flop_counter's formulas (FlopCounterMode's table): convolutions and matrix "
+              "products. Bytes: each tensor an op reads or writes, once (an ideal single pass; a convolution's "
+              "backward is two kernels, dgrad and wgrad, each reading the output gradient).",
+              "- Time of a kernel: max(FLOPs / dense matrix rate, bytes / DRAM bandwidth) + launches x launch "
+              "overhead (foreach ops: ATen's multi_tensor_apply launch count). Caches are ignored and peak "
+              "rates assumed, so times are lower bounds; real kernels reach a fraction of peak, "
+              "convolutions with few channels the least. The shares of the memory-bound classes are the "
+              "robust output; `--measured` (one GPU run) says how far the absolute times are off.",
+              "- Op classes: generic elementwise ops (add, mul, copy) inside the soft-mask ops count as "
+              "`upsample` (the eager upsample and its skip add) or `sigmoid/multiply` (the eager (1 + "
+              "sigmoid(m)) * t), forward and backward; `add` is the residual adds and the gradient sums.",
+              "- Not modelled: caches (L2 reuse between kernels), cuDNN's algorithm choices, the CPU side "
+              "of eager dispatch, batch norm kernels that read their input twice (statistics, then "
+              "normalisation), PyTorch's CUDA upsample backward zero-filling grad_x and scattering with "
+              "atomics (the model prices the ideal one pass, so it flatters eager there).",
+              "- Memory: parameters + gradients + momentum + buffers + activations kept for backward "
+              "(saved_tensors_hooks, unique storages, parameters excluded; autocast's bfloat16 weight copies "
+              "count) + a workspace of twice the "
+              "largest tensor the step writes; max batch = the largest batch that fits in 99% of the "
+              "capacity less 1.5 GiB (context, cuDNN), less 5% (allocator); activations taken as "
+              "proportional to the batch.", ""]
+    if preds:
+        lines += ["## Networks (prediction)", ""] + network_table(preds) + [""]
+        lines += ["## Where the step goes (share of predicted time, prediction)", ""] + _share_table(preds) + [""]
+        nxt = fuse_next(preds)
+        if nxt:
+            lines += ["## Memory-bound classes of the fast networks, by predicted share (what to fuse next)", ""]
+            lines += _table(["class", "mean share", "min", "max"],
+                            [[c, f"{m:.1%}", f"{lo:.1%}", f"{hi:.1%}"] for c, m, lo, hi in nxt]) + [""]
+    if run.op_rows:
+        lines += ["## Fused ops at the ops suite's headline shapes (prediction)", ""] + _ops_table(run) + [""]
+    if run.calibration:
+        lines += ["## Calibration: measured / predicted", "",
+                  f"Measured rows: `{run.measured_path}`; predictions for exactly those configurations.", ""]
+        lines += _calibration_lines(run)
+    if preds:
+        png = _plot(preds, f"Predicted training step by op class, {gpu.name}, {dt}, {layout} (roofline model)")
+        if png:
+            paths["png"] = os.path.join(out_dir, "roofline_breakdown.png")
+            atomic_write(paths["png"], png)
+            lines += ["## Plot", "", "![where each network's predicted step goes](roofline_breakdown.png)", ""]
+        else:
+            res.notes.append("plot not drawn: matplotlib unavailable")
+    if res.notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in res.notes] + [""]
+    paths["report"] = os.path.join(out_dir, "report.md")
+    atomic_write(paths["report"], ("\n".join(lines).rstrip() + "\n").encode())
+    return paths

@@ -1,0 +1,234 @@
+"""Trace one training step of a network, or one fused op, on fake tensors.
+
+A step is what the models suite times and the trainer runs: forward under autocast
+(bfloat16 AMP) or in float32, cross-entropy, backward, optimizer step. The optimizer is
+the project's recipe (SGD, Nesterov momentum 0.9, weight decay 1e-4; ``"nesterov"``) or
+the models suite's plain SGD (``"sgd"``, for calibration against its measurements), both
+with ``foreach=True`` as PyTorch picks for CUDA parameters. The momentum buffers exist
+before the step (a steady-state step, not the first).
+
+Everything runs under ``FakeTensorMode`` on CPU fake tensors: no memory, no compute.
+AMP is traced with CPU autocast, whose bfloat16 policy matches CUDA's for every op of
+these networks (convolutions and the classifier in bfloat16; batch norm, ReLU, pooling,
+upsample and the elementwise ops in their input's dtype; cross-entropy in float32),
+except log_softmax of the logits (CUDA: float32; a negligible 64x1000 tensor). The fast
+model runs the ``cpu`` backend so that its soft-mask ops are the registered custom ops
+``torch.ops.resattn_fast.*``, which dispatch to their fake kernels here; ``trace_step``
+checks that they, and no eager upsample or sigmoid, appear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .trace import (
+    REGION_ATTEND,
+    REGION_BN,
+    REGION_UPSAMPLE,
+    KernelRecord,
+    Tracer,
+    mark_region,
+    region_of_module,
+)
+
+__all__ = ["StepTrace", "OpTrace", "trace_step", "trace_op", "fast_backend_problem"]
+
+
+@dataclass
+class StepTrace:
+    """One traced training step; bytes are per step, ``fwd_flops`` per image."""
+
+    net: str
+    impl: str
+    batch: int
+    input_size: int
+    amp: bool
+    channels_last: bool
+    optimizer: str
+    records: List[KernelRecord]
+    fwd_flops_per_image: float  # the forward's records' FLOPs (flop_counter's formulas) / batch
+    activation_bytes: int  # kept for backward (saved tensors), parameters excluded
+    param_bytes: int
+    grad_bytes: int
+    optimizer_state_bytes: int
+    buffer_bytes: int
+    ops_seen: Dict[str, int] = field(default_factory=dict)
+
+
+def fast_backend_problem() -> Optional[str]:
+    """None if the registered fused ops can be traced, else why not."""
+    from resattn_fast.ops._backends import _why_not
+
+    return _why_not("cpu", "cpu")
+
+
+def _storage_key(t: torch.Tensor) -> Any:
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    return StorageWeakRef(t.untyped_storage()).cdata
+
+
+@contextlib.contextmanager
+def _saved_bytes(exclude: Sequence[torch.Tensor]) -> Any:
+    """Bytes of the unique storages autograd saves for backward while active."""
+    skip = {_storage_key(t) for t in exclude}
+    seen: Dict[Any, int] = {}
+    keep: List[torch.Tensor] = []  # keeps storages alive so that keys are not reused
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        key = _storage_key(t)
+        if key not in skip and key not in seen:
+            seen[key] = t.untyped_storage().nbytes()
+            keep.append(t)
+        return t
+
+    out: Dict[str, int] = {}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield out
+    out["bytes"] = int(sum(seen.values()))
+    keep.clear()
+
+
+def _to_channels_last(model: torch.nn.Module) -> None:
+    # Module.to(memory_format=...) swaps parameters, which fake parameters refuse
+    # ("weakref associated"); setting .data keeps the Parameter objects.
+    for p in model.parameters():
+        if p.dim() == 4:
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
+
+
+def _instrument(model: torch.nn.Module, tracer: Tracer) -> None:
+    from resattn_fast.reference.modules import AttentionModule
+
+    for mod in model.modules():
+        if isinstance(mod, AttentionModule):
+            mod.upsample_add = mark_region(tracer, mod.upsample_add, REGION_UPSAMPLE)  # type: ignore[method-assign]
+            mod.attend = mark_region(tracer, mod.attend, REGION_ATTEND)  # type: ignore[method-assign]
+        elif isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            region_of_module(tracer, mod, REGION_BN)
+
+
+def _check_ops(impl: str, ops_seen: Dict[str, int]) -> None:
+    fused = [k for k in ops_seen if k.startswith("resattn_fast.")]
+    eager = [k for k in ops_seen if k in ("aten.upsample_bilinear2d", "aten.sigmoid")]
+    if impl == "fast" and (len(fused) < 4 or eager):
+        raise RuntimeError(f"the fast model's trace does not run the fused ops as expected: fused {fused}, "
+                           f"eager soft-mask ops {eager}")
+    if impl == "reference" and fused:
+        raise RuntimeError(f"the reference model's trace runs fused ops: {fused}")
+
+
+def trace_step(net: str, impl: str, batch: int, *, amp: bool = True, channels_last: bool = True,
+               optimizer: str = "nesterov") -> StepTrace:
+    """Trace one training step of ``net`` (a create_model name) built with ``impl``
+    ("reference" or "fast"), at ``batch`` images."""
+    import resattn_fast
+    from resattn_fast.models import CONFIGS
+
+    size = CONFIGS[net].input_size
+    tracer = Tracer()
+    with FakeTensorMode():
+        torch.manual_seed(0)
+        model = resattn_fast.create_model(net, impl=impl, backend="cpu" if impl == "fast" else None)
+        model.train()
+        if channels_last:
+            _to_channels_last(model)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(batch, 3, size, size).contiguous(memory_format=fmt)
+        y = torch.randint(0, model.num_classes, (batch,))
+        params = list(model.parameters())
+        if optimizer == "nesterov":
+            opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, foreach=True)
+            for p in params:  # steady state: the buffers exist (the first step would clone the grads)
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        elif optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=1e-3, foreach=True)
+        else:
+            raise ValueError(f"optimizer must be 'nesterov' or 'sgd', got {optimizer!r}")
+        _instrument(model, tracer)
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext())
+
+        def step() -> Dict[str, int]:
+            with _saved_bytes(params) as saved:
+                with autocast:
+                    loss = F.cross_entropy(model(x), y)
+            tracer.phase = "backward"
+            loss.backward()
+            tracer.phase = "optimizer"
+            opt.step()
+            return saved
+
+        with tracer:
+            saved = step()
+        records = tracer.records
+        ops_seen = dict(tracer.ops_seen)
+        _check_ops(impl, ops_seen)
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+        state_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                          if isinstance(v, torch.Tensor))
+        buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
+    return StepTrace(
+        net=net, impl=impl, batch=batch, input_size=size, amp=amp, channels_last=channels_last,
+        optimizer=optimizer, records=records, fwd_flops_per_image=sum(r.flops for r in records if r.phase == "forward") / batch,
+        activation_bytes=saved["bytes"], param_bytes=param_bytes, grad_bytes=grad_bytes,
+        optimizer_state_bytes=state_bytes, buffer_bytes=buffer_bytes, ops_seen=ops_seen)
+
+
+@dataclass
+class OpTrace:
+    """One fused op (or its eager expression) traced forward, backward, and both."""
+
+    op: str
+    impl: str  # "eager" (resattn_fast.reference.ops) or "fused" (the registered op)
+    records: Dict[str, List[KernelRecord]]  # mode ("fwd", "bwd", "fwd+bwd") -> kernels
+
+
+def trace_op(op: str, impl: str, shapes: Sequence[Tuple[int, ...]], out_hw: Optional[Tuple[int, int]],
+             dtype: torch.dtype, channels_last: bool) -> OpTrace:
+    """Trace ``op`` ("upsample_bilinear_add" or "attention_residual") on inputs of
+    ``shapes`` (upsample: x[, skip]; attention: mask_logits, trunk) in ``dtype``. Forward
+    alone runs without autograd (as the ops suite's "fwd" rows), the backward is
+    ``torch.autograd.grad`` of every input."""
+    import resattn_fast.ops as fused
+    from resattn_fast.reference import ops as ref
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def fn(*xs: torch.Tensor) -> torch.Tensor:
+        if op == "upsample_bilinear_add":
+            skip = xs[1] if len(xs) > 1 else None
+            if impl == "fused":
+                return fused.upsample_bilinear_add(xs[0], skip, size=list(out_hw or ()), backend="cpu")
+            return ref.upsample_bilinear_add(xs[0], skip, size=list(out_hw or ()))
+        if impl == "fused":
+            return fused.attention_residual(xs[0], xs[1], backend="cpu")
+        return ref.attention_residual(xs[0], xs[1])
+
+    out: Dict[str, List[KernelRecord]] = {}
+    with FakeTensorMode():
+        xs = [torch.randn(*s, dtype=dtype).contiguous(memory_format=fmt).requires_grad_() for s in shapes]
+        tracer = Tracer()
+        with tracer, torch.no_grad():
+            y = fn(*xs)
+        out["fwd"] = tracer.records
+        y = fn(*xs)
+        g = torch.randn_like(y)
+        tracer = Tracer()
+        tracer.phase = "backward"
+        with tracer:
+            torch.autograd.grad(y, xs, g)
+        out["bwd"] = tracer.records
+        tracer = Tracer()
+        with tracer:
+            y = fn(*xs)
+            tracer.phase = "backward"
+            torch.autograd.grad(y, xs, g)
+        out["fwd+bwd"] = tracer.records
+    return OpTrace(op=op, impl=impl, records=out)

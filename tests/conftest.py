@@ -42,6 +42,19 @@ def require_backend(backend: str, device: str = "cpu") -> None:
     pytest.skip(f"backend {backend!r} unavailable: {why}")
 
 
+@pytest.fixture
+def no_cuda_emulation(monkeypatch: pytest.MonkeyPatch):
+    """As in a user's build: backend "cuda" has no kernels for CPU tensors (the emulated
+    CUDA kernels, if built, are hidden for the test)."""
+    from resattn_fast import _ext
+    from resattn_fast.ops import _backends
+
+    monkeypatch.setattr(_ext, "EMULATED", None)
+    _backends._why_not.cache_clear()
+    yield
+    _backends._why_not.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

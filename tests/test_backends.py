@@ -5,17 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from resattn_fast import _ext, ops
-from resattn_fast.ops import _backends
-
-
-@pytest.fixture
-def no_emulation(monkeypatch):
-    """As in a user's build: backend "cuda" has no kernels for CPU tensors."""
-    monkeypatch.setattr(_ext, "EMULATED", None)
-    _backends._why_not.cache_clear()
-    yield
-    _backends._why_not.cache_clear()
+from resattn_fast import ops
 
 
 def test_reference_always_available():
@@ -37,7 +27,7 @@ def test_env_overrides_default(monkeypatch):
         assert ops.resolve_backend("cpu", torch.device("cpu")) == "cpu"
 
 
-def test_env_backend_unavailable_says_why(monkeypatch, no_emulation):
+def test_env_backend_unavailable_says_why(monkeypatch, no_cuda_emulation):
     monkeypatch.setenv("RESATTN_BACKEND", "cuda")
     with pytest.raises(ops.BackendUnavailableError, match="RESATTN_BACKEND='cuda'.*CUDA tensors only"):
         ops.attention_residual(torch.randn(2), torch.randn(2))
@@ -48,6 +38,6 @@ def test_unknown_backend():
         ops.attention_residual(torch.randn(2), torch.randn(2), backend="fortran")
 
 
-def test_cuda_backend_on_cpu_tensor_says_why(no_emulation):
+def test_cuda_backend_on_cpu_tensor_says_why(no_cuda_emulation):
     with pytest.raises(ops.BackendUnavailableError, match="cuda backend runs on CUDA tensors only"):
         ops.upsample_bilinear_add(torch.randn(1, 1, 2, 2), None, size=(4, 4), backend="cuda")

@@ -94,7 +94,7 @@ def test_tiny_run_covers_implementations_suites_and_metrics(tiny_run: str) -> No
         assert text in report
 
 
-def test_an_unavailable_backend_is_recorded_as_skipped(tmp_path: str) -> None:
+def test_an_unavailable_backend_is_recorded_as_skipped(tmp_path: str, no_cuda_emulation: None) -> None:
     threads = torch.get_num_threads()
     try:
         rc = bench_run.main(["--suite", "ops", "--device", "cpu", "--tiny", "--threads", "1", "--no-compile",

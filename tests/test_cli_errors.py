@@ -97,7 +97,7 @@ def test_out_already_holds_a_run(capsys, tmp_path):
     _fails(capsys, [*BASE, "--out", str(run)], "already holds a run", "--resume")
 
 
-def test_unavailable_backend(capsys, tmp_path):
+def test_unavailable_backend(capsys, tmp_path, no_cuda_emulation):
     _fails(capsys, [*BASE, "--device", "cpu", "--backend", "cuda", "--out", str(tmp_path / "r")],
            "--backend", "'cuda' is not available")
     _fails(capsys, [*BASE, "--impl", "reference", "--backend", "cpu", "--out", str(tmp_path / "r")],

@@ -9,6 +9,7 @@ in a different order cannot be held to 1e-5. In float64 they agree to ~1e-12."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -140,4 +141,7 @@ def test_torchrun_user_error_reported_once(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert res.returncode != 0
     assert res.stderr.count("resattn train: error: --data cifar10 needs --data-dir") == 1, res.stderr
-    assert res.stderr.count("exitcode  : 2") == 2, res.stderr
+    # Each rank that torchrun saw finish exited 2; the other may be stopped by torchrun
+    # (SIGTERM) if it had not exited yet, which depends on scheduling.
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", res.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, res.stderr

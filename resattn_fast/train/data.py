@@ -192,14 +192,15 @@ def eval_transform(size: int) -> Any:
     return v2.Compose([v2.Resize(short, antialias=True), v2.CenterCrop(size)])
 
 
-def _folder_train_transform(size: int, randaugment_m: Optional[int]) -> Any:
+def _folder_train_transform(size: int, randaugment_m: Optional[int], crop: bool = True) -> Any:
     from torchvision.transforms import v2
 
     # Random-resized crop (scale 0.08..1, aspect 3/4..4/3: the usual form of the paper's
-    # scale and aspect-ratio augmentation) + horizontal flip.
-    ops: List[Any] = [v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                                           antialias=True),
-                      v2.RandomHorizontalFlip()]
+    # scale and aspect-ratio augmentation) + horizontal flip; without it (--no-augment),
+    # the validation geometry.
+    ops: List[Any] = ([v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                            antialias=True),
+                       v2.RandomHorizontalFlip()] if crop else [eval_transform(size)])
     if randaugment_m is not None:
         ops.append(randaugment(randaugment_m))
     return v2.Compose(ops)
@@ -235,9 +236,11 @@ class ImageFolderDataset(AugmentedDataset):
         return self
 
     def set_augment(self, on: bool) -> None:
+        """Turn the random-resized crop and flip on or off (RandAugment stays as set)."""
         self.augment = "resized-crop-flip" if on and self.train else "none"
-        self.transform = (_folder_train_transform(self.size, self.randaugment_m)
-                          if self.augment != "none" else None)
+        use = self.train and (on or self.randaugment_m is not None)
+        self.transform = (_folder_train_transform(self.size, self.randaugment_m, crop=on)
+                          if use else None)
 
     def _decode(self, index: int) -> Tuple[torch.Tensor, int]:
         n = len(self.samples)

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import UsageError
 from . import distributed
+from .augment import BatchMix, describe
 from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import DATASETS, DataBundle, load_data
 from .loop import EpochStats, NonFiniteLoss, StopFlag, Trainer
@@ -406,16 +407,12 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     batch_mix = None
     if args.mixup > 0 or args.cutmix > 0:
-        from .augment import BatchMix
-
         batch_mix = BatchMix(args.mixup, args.cutmix, data.num_classes, args.seed, info.rank)
     trainer = Trainer(wrapped, optimizer, scheduler, scaler, device, amp_dtype=amp_dtype,
                       channels_last=args.channels_last, stop=stop,
                       label_smoothing=args.label_smoothing, batch_mix=batch_mix)
 
     data_info = data.info()
-    from .augment import describe
-
     extras = describe(args.mixup, args.cutmix, args.label_smoothing, args.randaugment)
     if main:
         os.makedirs(out, exist_ok=True)

@@ -147,6 +147,8 @@ class Trainer:
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
         self.stop = stop or StopFlag()
+        # Called without an argument when smoothing is off, so that a replacement factory
+        # taking none (the fault-injection tests use one) still fits.
         self.criterion = (make_criterion(label_smoothing) if label_smoothing
                           else make_criterion())
         self.batch_mix = batch_mix

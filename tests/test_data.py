@@ -87,6 +87,20 @@ def test_imagefolder_is_scanned_with_torchvision(tmp_path):
     assert d.train.samples == [(p, int(c)) for p, c in tv.samples]
 
 
+def test_imagefolder_no_augment_uses_validation_geometry(tmp_path):
+    _image_folder(tmp_path)
+    d = load_data("imagefolder", data_dir=str(tmp_path), image_size=32, seed=0, augment=False)
+    d.train.set_epoch(1)
+    path = d.train.samples[1][0]
+    img = eval_transform(32)(read_image(path)).float() / 255
+    expect = (img - d.train.mean) / d.train.std
+    torch.testing.assert_close(d.train[1][0], expect, rtol=0, atol=0)
+    ra = load_data("imagefolder", data_dir=str(tmp_path), image_size=32, seed=0, augment=False,
+                   randaugment_m=9)
+    ra.train.set_epoch(1)
+    assert ra.train[1][0].shape == (3, 32, 32)
+
+
 def test_unreadable_image_is_skipped_with_a_warning(tmp_path):
     _image_folder(tmp_path)
     broken = tmp_path / "train" / "cat" / "1.png"

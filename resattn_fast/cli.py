@@ -1,4 +1,4 @@
-"""The `resattn` command: info, train, masks (`python -m resattn_fast` is the same)."""
+"""The `resattn` command: info, train, masks, eval, export (`python -m resattn_fast` is the same)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_masks = sub.add_parser("masks", help="render the soft masks of a trained model on an image")
     masks_command.add_arguments(p_masks)
     p_masks.set_defaults(func=masks_command.run)
+
+    from . import evaluate as eval_command
+    from . import export as export_command
+
+    p_eval = sub.add_parser("eval", help="top-1/top-5, loss and images/s of a checkpoint")
+    eval_command.add_arguments(p_eval)
+    p_eval.set_defaults(func=eval_command.run)
+    p_export = sub.add_parser("export", help="write a checkpoint as onnx, pt2 or safetensors")
+    export_command.add_arguments(p_export)
+    p_export.set_defaults(func=export_command.run)
     return parser
 
 

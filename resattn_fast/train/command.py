@@ -24,6 +24,7 @@ import torch
 
 from ..errors import UsageError
 from . import distributed
+from .augment import BatchMix, describe
 from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import DATASETS, DataBundle, load_data
 from .loop import EpochStats, NonFiniteLoss, StopFlag, Trainer
@@ -40,7 +41,7 @@ METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 # resumed one.
 _RUN_DEFINING = ("model", "data", "batch_size", "seed", "recipe", "lr", "momentum", "nesterov",
                  "weight_decay", "schedule", "warmup_epochs", "train_subset", "val_subset",
-                 "synthetic_size", "augment")
+                 "synthetic_size", "augment", "label_smoothing", "mixup", "cutmix", "randaugment")
 
 
 class TrainingFailed(Exception):
@@ -95,6 +96,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-augment", dest="augment", action="store_false", default=True,
                    help="train without the data set's augmentation (crop/flip)")
     g.add_argument("--synthetic-size", type=int, default=1024, help="images in --data synthetic")
+    a = parser.add_argument_group(
+        "regularisation (timm's options; all off by default: the paper's recipe uses none)")
+    a.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
+                   help="label smoothing of the training loss (e.g. 0.1)")
+    a.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                   help="mixup with Beta(ALPHA, ALPHA) mixing weights (e.g. 0.8; torchvision's v2.MixUp)")
+    a.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                   help="cutmix with Beta(ALPHA, ALPHA) (e.g. 1.0; v2.CutMix); with --mixup too, "
+                        "each batch uses one of the two, at random")
+    a.add_argument("--randaugment", type=int, default=None, metavar="M",
+                   help="torchvision's RandAugment, 2 operations of magnitude M (0..30, e.g. 9)")
     r = parser.add_argument_group("recipe")
     r.add_argument("--recipe", default=None, choices=sorted(RECIPES),
                    help="preset (Nesterov SGD 0.9, wd 1e-4, batch 64); paper-cifar and "
@@ -175,6 +187,14 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
     if args.lr is not None and args.lr == 0:
         raise UsageError("--lr must be positive")
+    if not (0.0 <= args.label_smoothing < 1.0):
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    for name in ("mixup", "cutmix"):
+        v = getattr(args, name)
+        if not (v >= 0 and v < float("inf")):
+            raise UsageError(f"--{name} must be a finite number >= 0 (0: off), got {v}")
+    if args.randaugment is not None and not (0 <= args.randaugment <= 30):
+        raise UsageError(f"--randaugment must be a magnitude from 0 to 30, got {args.randaugment}")
 
 
 def _model_config(name: str) -> Any:
@@ -290,7 +310,7 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
     data: DataBundle = load_data(args.data, data_dir=args.data_dir, image_size=net.input_size,
                                  seed=args.seed, synthetic_size=args.synthetic_size,
                                  train_subset=args.train_subset, val_subset=args.val_subset,
-                                 augment=args.augment)
+                                 augment=args.augment, randaugment_m=args.randaugment)
     if batch > len(data.train):
         raise UsageError(f"--batch-size {batch} is larger than the training set "
                          f"({len(data.train)} images); lower --batch-size")
@@ -385,10 +405,15 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
     eval_model = raw_model if info.distributed else wrapped
 
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    batch_mix = None
+    if args.mixup > 0 or args.cutmix > 0:
+        batch_mix = BatchMix(args.mixup, args.cutmix, data.num_classes, args.seed, info.rank)
     trainer = Trainer(wrapped, optimizer, scheduler, scaler, device, amp_dtype=amp_dtype,
-                      channels_last=args.channels_last, stop=stop)
+                      channels_last=args.channels_last, stop=stop,
+                      label_smoothing=args.label_smoothing, batch_mix=batch_mix)
 
     data_info = data.info()
+    extras = describe(args.mixup, args.cutmix, args.label_smoothing, args.randaugment)
     if main:
         os.makedirs(out, exist_ok=True)
         _write_json(os.path.join(out, "config.json"), {
@@ -405,8 +430,8 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
         print(f"resattn train: {args.model} ({args.impl}) on {args.data}: {len(data.train)} train / "
               f"{len(data.val)} val images, {data.num_classes} classes; {args.epochs} epochs x "
               f"{iters_per_epoch} iterations of {batch} ({info.world_size} process(es), "
-              f"{device}); {recipe['recipe']}: lr {recipe['lr']:g}, {recipe['schedule']} schedule; "
-              f"{what} -> {out}", flush=True)
+              f"{device}); {recipe['recipe']}: lr {recipe['lr']:g}, {recipe['schedule']} schedule"
+              f"{'; ' + extras if extras else ''}; {what} -> {out}", flush=True)
     if done_epochs >= args.epochs and start_step == 0:
         if main:
             print(f"resattn train: {last_path} already finished {done_epochs} epochs; "
@@ -441,6 +466,8 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
     stop.install()
     for epoch in range(done_epochs + 1, args.epochs + 1):
         data.train.set_epoch(epoch)
+        if batch_mix is not None:
+            batch_mix.set_epoch(epoch)
         sampler.set_epoch(epoch, start_step)
         loader = DataLoader(data.train, batch_size=batch // info.world_size, sampler=sampler,
                             num_workers=workers, pin_memory=device.type == "cuda")

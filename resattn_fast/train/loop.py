@@ -18,6 +18,7 @@ import torch
 import torch.nn as tnn
 
 from . import distributed
+from .augment import hard_labels
 from .progress import Progress
 
 __all__ = ["Trainer", "StopFlag", "NonFiniteLoss", "EpochStats", "make_criterion"]
@@ -27,9 +28,10 @@ class NonFiniteLoss(Exception):
     """The training loss was NaN or infinite on some rank."""
 
 
-def make_criterion() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The training and evaluation loss: mean cross-entropy over the (local) batch."""
-    return tnn.CrossEntropyLoss()
+def make_criterion(label_smoothing: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss: mean cross-entropy over the (local) batch, with class indices
+    (N,) or soft targets (N, C) (mixup/cutmix) and optional label smoothing."""
+    return tnn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
 
 class StopFlag:
@@ -125,12 +127,18 @@ class Trainer:
         amp_dtype: torch.bfloat16 / torch.float16 for autocast, None for float32.
         scaler: a torch.amp.GradScaler (enabled for float16 on CUDA only).
         channels_last: feed inputs as channels_last (N, C, H, W) tensors.
+        label_smoothing: of the training loss (evaluation uses plain cross-entropy).
+        batch_mix: ``(x, y, batch_index) -> (x, soft y)`` applied to each training batch
+            (mixup/cutmix, :class:`.augment.BatchMix`), or None.
     """
 
     def __init__(self, model: tnn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any,
                  device: torch.device, *, amp_dtype: Optional[torch.dtype] = None,
-                 channels_last: bool = False, stop: Optional[StopFlag] = None) -> None:
+                 channels_last: bool = False, stop: Optional[StopFlag] = None,
+                 label_smoothing: float = 0.0,
+                 batch_mix: Optional[Callable[[torch.Tensor, torch.Tensor, int],
+                                              Tuple[torch.Tensor, torch.Tensor]]] = None) -> None:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -139,7 +147,11 @@ class Trainer:
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
         self.stop = stop or StopFlag()
-        self.criterion = make_criterion()
+        # Called without an argument when smoothing is off, so that a replacement factory
+        # taking none (the fault-injection tests use one) still fits.
+        self.criterion = (make_criterion(label_smoothing) if label_smoothing
+                          else make_criterion())
+        self.batch_mix = batch_mix
         self.last_lr = float(optimizer.param_groups[0]["lr"])  # lr of the latest step
 
     def _autocast(self) -> Any:
@@ -154,7 +166,8 @@ class Trainer:
         return x, y.to(self.device, non_blocking=True)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[float, float, bool]:
-        """One optimisation step on the local batch (N, 3, S, S) float32 / (N,) int64.
+        """One optimisation step on the local batch (N, 3, S, S) float32 and labels (N,)
+        int64 or soft targets (N, C) float32 (accuracy then counts their argmax).
 
         Returns (mean loss, number correct, stop requested on some rank). Raises
         NonFiniteLoss (before the optimizer step) if the loss is not finite on some rank.
@@ -176,7 +189,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        correct = (logits.detach().argmax(1) == y).sum()
+        correct = (logits.detach().argmax(1) == hard_labels(y)).sum()
         return float(loss.detach()), float(correct), stop > 0
 
     def train_epoch(self, loader: Iterable, *, total: int, start: int, desc: str,
@@ -199,6 +212,8 @@ class Trainer:
                 except StopIteration:
                     break
                 n = int(y.shape[0])
+                if self.batch_mix is not None:
+                    x, y = self.batch_mix(x, y, done)
                 loss, correct, stop = self.train_step(x, y)
                 done += 1
                 stats.loss_sum += loss * n

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "module's mask, overlaid on the image).")
     parser.add_argument("--checkpoint", required=True, metavar="PT",
                         help="best.pt or last.pt written by `resattn train` (or its RUN_DIR)")
-    parser.add_argument("--image", required=True, help="image file (any format PIL reads)")
+    parser.add_argument("--image", required=True, help="image file (JPEG, PNG, WebP, GIF, BMP, TIFF, ...)")
     parser.add_argument("--out", required=True, metavar="PNG", help="where to write the figure")
     parser.add_argument("--alpha", type=float, default=0.5, help="opacity of the heat map")
 
@@ -55,10 +55,10 @@ def stage_masks(model: torch.nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
 def run(args: argparse.Namespace) -> int:
     """Entry point of `resattn masks`."""
     import numpy as np
-    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
 
     from ..models import CONFIGS, create_model
-    from .data import _resize_center_crop, pil_to_tensor
+    from .data import eval_transform, read_image
 
     path = args.checkpoint
     if os.path.isdir(path):
@@ -80,15 +80,18 @@ def run(args: argparse.Namespace) -> int:
     size = int(data.get("image_size", CONFIGS[name].input_size))
     mean = torch.tensor(data.get("mean", (0.5, 0.5, 0.5)), dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(data.get("std", (0.25, 0.25, 0.25)), dtype=torch.float32).view(3, 1, 1)
+    if not os.path.isfile(args.image):
+        raise UsageError(f"--image: no such file {args.image}")
     try:
-        with Image.open(args.image) as im:
-            im = im.convert("RGB")
-    except FileNotFoundError:
-        raise UsageError(f"--image: no such file {args.image}") from None
+        im = read_image(args.image)  # (3, H, W) uint8
     except Exception as exc:
-        raise UsageError(f"--image: cannot read {args.image} as an image ({exc})") from None
-    im = _resize_center_crop(im, size) if min(im.size) > size else im.resize((size, size))
-    x = pil_to_tensor(im, mean, std)[None]
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--image: cannot read {args.image} as an image ({first})") from None
+    if min(im.shape[-2:]) > size:
+        im = eval_transform(size)(im)
+    else:
+        im = TF.resize(im, [size, size], antialias=True)
+    x = ((im.float() / 255.0 - mean) / std)[None]
     with torch.no_grad():
         logits = model(x)
         masks = stage_masks(model, x)
@@ -102,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    img = np.asarray(im, dtype=np.float32) / 255.0
+    img = im.permute(1, 2, 0).numpy().astype(np.float32) / 255.0
     fig, axes = plt.subplots(1, len(masks) + 1, figsize=(3 * (len(masks) + 1), 3.6))
     try:
         axes[0].imshow(img, interpolation="nearest")

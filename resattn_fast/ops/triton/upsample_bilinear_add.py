@@ -10,8 +10,11 @@ Index and weight math is PyTorch's (kernels/bilinear.h), per axis:
   align_corners=True : src = dst * (in - 1) / (out - 1)          (0 when out == 1)
   align_corners=False: src = max((dst + 0.5) * in / out - 0.5, 0)
   i0 = min(floor(src), in - 1), i1 = min(i0 + 1, in - 1), w1 = src - i0, w0 = 1 - w1,
-evaluated in float32 (float64 for float64 tensors), scale computed on the device from the
-integer sizes exactly as PyTorch does on the host.
+evaluated in float32 (float64 for float64 tensors). The scale is PyTorch's, bit for bit:
+the float32 one is computed on the host as PyTorch computes it (a correctly rounded
+float32 division; ``/`` in a kernel compiles to the approximate ``div.full.f32`` on NVIDIA
+GPUs) and passed in; the float64 one is divided on the device, where float64 ``/`` is
+correctly rounded.
 
 Layouts: the forward reads x and skip through their strides (any layout, no copy) and
 writes a dense output in skip's memory format (x's without skip): NCHW or channels_last.
@@ -22,6 +25,7 @@ numbered in the memory order of the tensor it writes, so stores are coalesced.
 
 from typing import List, Optional
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +33,16 @@ from torch.library import wrap_triton
 
 from ..._format import memory_format_of
 from .. import _registry
-from ._common import acc, configs, flat_grid, needs_fake, needs_int64, triton_op_kwargs
+from ._common import (
+    acc,
+    configs,
+    device_guard,
+    flat_grid,
+    needs_fake,
+    needs_int64,
+    size_class,
+    triton_op_kwargs,
+)
 
 __all__ = ["upsample_bilinear_add", "upsample_bilinear_add_backward"]
 
@@ -61,18 +74,32 @@ def _unravel(offs, C, H, W, CHANNELS_LAST: tl.constexpr):
     return n, c, y, x
 
 
+def _scale32(in_size: int, out_size: int, align_corners: bool) -> float:
+    """PyTorch's float32 area_pixel_compute_scale (a correctly rounded float32 division;
+    0 for align_corners with one output, whose only source index is 0)."""
+    if align_corners:
+        if out_size <= 1:
+            return 0.0
+        return float(np.float32(in_size - 1) / np.float32(out_size - 1))
+    return float(np.float32(in_size) / np.float32(out_size))
+
+
 @triton.jit
-def _scale(in_size, out_size, ALIGN: tl.constexpr, IS_FP64: tl.constexpr):
-    """The source-index step along one axis (PyTorch's area_pixel_compute_scale)."""
-    if ALIGN:
-        # out == 1 reads only dst = 0, whose source is 0 whatever the scale: divide by
-        # max(out - 1, 1) to keep the division finite.
-        num = acc(in_size - 1, IS_FP64)
-        den = tl.maximum(acc(out_size - 1, IS_FP64), 1.0)
+def _scale(in_size, out_size, scale32, ALIGN: tl.constexpr, IS_FP64: tl.constexpr):
+    """The source-index step along one axis: ``scale32`` (from the host) for float32
+    math, PyTorch's area_pixel_compute_scale computed here in float64 for float64."""
+    if IS_FP64:
+        if ALIGN:
+            # out == 1 reads only dst = 0, whose source is 0 whatever the scale: divide
+            # by max(out - 1, 1) to keep the division finite.
+            num = acc(in_size - 1, IS_FP64)
+            den = tl.maximum(acc(out_size - 1, IS_FP64), 1.0)
+        else:
+            num = acc(in_size, IS_FP64)
+            den = acc(out_size, IS_FP64)
+        return num / den
     else:
-        num = acc(in_size, IS_FP64)
-        den = acc(out_size, IS_FP64)
-    return num / den
+        return acc(scale32, IS_FP64)
 
 
 @triton.jit
@@ -116,11 +143,12 @@ def _first_reader(i, in_size, out_size, scale, ALIGN: tl.constexpr, IS_FP64: tl.
     return start
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["total", "CHANNELS_LAST", "HAS_SKIP", "INT64"])
-@triton.jit
+# Autotuned once per size class (size_class(total), in the key; unused by the kernel).
+@triton.autotune(configs=_FWD_CONFIGS, key=["size_cls", "CHANNELS_LAST", "HAS_SKIP", "INT64"])
+@triton.jit(do_not_specialize=["size_cls"])
 def _upsample_bilinear_add_fwd_kernel(
-    x_ptr, skip_ptr, out_ptr, total,
-    C, H, W, h, w,
+    x_ptr, skip_ptr, out_ptr, total, size_cls,
+    C, H, W, h, w, scale_h32, scale_w32,
     sxn, sxc, sxh, sxw,
     ssn, ssc, ssh, ssw,
     ALIGN: tl.constexpr, HAS_SKIP: tl.constexpr, CHANNELS_LAST: tl.constexpr,
@@ -134,8 +162,8 @@ def _upsample_bilinear_add_fwd_kernel(
     # offs is the output's own memory order: (n, c, oh, ow) or (n, oh, ow, c).
     n, c, oh, ow = _unravel(offs, C, H, W, CHANNELS_LAST)
 
-    ih0, ih1, wh0, wh1 = _tap(oh, h, _scale(h, H, ALIGN, IS_FP64), ALIGN)
-    iw0, iw1, ww0, ww1 = _tap(ow, w, _scale(w, W, ALIGN, IS_FP64), ALIGN)
+    ih0, ih1, wh0, wh1 = _tap(oh, h, _scale(h, H, scale_h32, ALIGN, IS_FP64), ALIGN)
+    iw0, iw1, ww0, ww1 = _tap(ow, w, _scale(w, W, scale_w32, ALIGN, IS_FP64), ALIGN)
     base = x_ptr + n * sxn + c * sxc
     r0 = base + ih0 * sxh
     r1 = base + ih1 * sxh
@@ -150,11 +178,11 @@ def _upsample_bilinear_add_fwd_kernel(
     tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["total", "KH", "KW", "CHANNELS_LAST", "INT64"])
-@triton.jit
+@triton.autotune(configs=_BWD_CONFIGS, key=["size_cls", "KH", "KW", "CHANNELS_LAST", "INT64"])
+@triton.jit(do_not_specialize=["size_cls"])
 def _upsample_bilinear_add_bwd_kernel(
-    g_ptr, gx_ptr, total,
-    C, H, W, h, w,
+    g_ptr, gx_ptr, total, size_cls,
+    C, H, W, h, w, scale_h32, scale_w32,
     sgn, sgc, sgh, sgw,
     KH, KW,
     ALIGN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
@@ -168,8 +196,8 @@ def _upsample_bilinear_add_bwd_kernel(
     # offs is grad_x's own memory order: (n, c, ih, iw) or (n, ih, iw, c).
     n, c, ih, iw = _unravel(offs, C, h, w, CHANNELS_LAST)
 
-    scale_h = _scale(h, H, ALIGN, IS_FP64)
-    scale_w = _scale(w, W, ALIGN, IS_FP64)
+    scale_h = _scale(h, H, scale_h32, ALIGN, IS_FP64)
+    scale_w = _scale(w, W, scale_w32, ALIGN, IS_FP64)
     oh_start = _first_reader(ih, h, H, scale_h, ALIGN, IS_FP64)
     ow_start = _first_reader(iw, w, W, scale_w, ALIGN, IS_FP64)
     base = g_ptr + n * sgn + c * sgc
@@ -177,21 +205,27 @@ def _upsample_bilinear_add_bwd_kernel(
     # The outputs that read (ih, iw) are the rectangle [oh_lo, oh_hi) x [ow_lo, ow_hi)
     # starting at (oh_start, ow_start); KH x KW (host bound) covers it. Every candidate is
     # tested with the exact forward taps, and grad is only read where it is used.
-    for kh in range(0, KH):
+    # while loops on the runtime bounds (not range(KH)): Triton 3.6's interpreter cannot
+    # turn an integer argument into a Python range bound; compiled, both are the same loop.
+    kh = 0
+    while kh < KH:
         oh = oh_start + kh
         th0, th1, uh0, uh1 = _tap(oh, h, scale_h, ALIGN)
         hit_h = ((th0 == ih) | (th1 == ih)) & (oh < H) & mask
         wgt_h = tl.where(th0 == ih, uh0, 0.0) + tl.where(th1 == ih, uh1, 0.0)
         row_ptr = base + tl.minimum(oh, H - 1) * sgh
         row = acc(tl.zeros([BLOCK], dtype=tl.float32), IS_FP64)
-        for kw in range(0, KW):
+        kw = 0
+        while kw < KW:
             ow = ow_start + kw
             tw0, tw1, uw0, uw1 = _tap(ow, w, scale_w, ALIGN)
             hit = hit_h & ((tw0 == iw) | (tw1 == iw)) & (ow < W)
             wgt_w = tl.where(tw0 == iw, uw0, 0.0) + tl.where(tw1 == iw, uw1, 0.0)
             g = acc(tl.load(row_ptr + tl.minimum(ow, W - 1) * sgw, mask=hit, other=0.0), IS_FP64)
             row += tl.where(hit, wgt_w * g, 0.0)
+            kw += 1
         total_acc += tl.where(hit_h, wgt_h * row, 0.0)
+        kh += 1
     tl.store(gx_ptr + offs, total_acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -259,16 +293,17 @@ def upsample_bilinear_add_triton(x: torch.Tensor, skip: Optional[torch.Tensor], 
     has_skip = skip is not None
     s = skip if has_skip else out  # never read without skip: any valid pointer will do
     sst = skip.stride() if has_skip else (0, 0, 0, 0)
-    wrap_triton(_upsample_bilinear_add_fwd_kernel)[flat_grid(total)](
-        x, s, out, total,
-        C, H, W, h, w,
-        *x.stride(),
-        *sst,
-        ALIGN=bool(align_corners), HAS_SKIP=has_skip,
-        CHANNELS_LAST=fmt == torch.channels_last,
-        IS_FP64=x.dtype == torch.float64,
-        INT64=needs_int64(x, s, out),
-    )
+    with device_guard(out):
+        wrap_triton(_upsample_bilinear_add_fwd_kernel)[flat_grid(total)](
+            x, s, out, total, size_class(total),
+            C, H, W, h, w, _scale32(int(h), H, align_corners), _scale32(int(w), W, align_corners),
+            *x.stride(),
+            *sst,
+            ALIGN=bool(align_corners), HAS_SKIP=has_skip,
+            CHANNELS_LAST=fmt == torch.channels_last,
+            IS_FP64=x.dtype == torch.float64,
+            INT64=needs_int64(x, s, out),
+        )
     return out
 
 
@@ -295,15 +330,16 @@ def upsample_bilinear_add_backward_triton(grad: torch.Tensor, input_size: List[i
         return grad_x
     kh = _window(h, int(H), bool(align_corners))
     kw = _window(w, int(W), bool(align_corners))
-    wrap_triton(_upsample_bilinear_add_bwd_kernel)[flat_grid(total)](
-        grad, grad_x, total,
-        C, H, W, h, w,
-        *grad.stride(),
-        kh, kw,
-        ALIGN=bool(align_corners), CHANNELS_LAST=fmt == torch.channels_last,
-        IS_FP64=grad.dtype == torch.float64,
-        INT64=needs_int64(grad, grad_x),
-    )
+    with device_guard(grad_x):
+        wrap_triton(_upsample_bilinear_add_bwd_kernel)[flat_grid(total)](
+            grad, grad_x, total, size_class(total),
+            C, H, W, h, w, _scale32(int(h), H, align_corners), _scale32(int(w), W, align_corners),
+            *grad.stride(),
+            kh, kw,
+            ALIGN=bool(align_corners), CHANNELS_LAST=fmt == torch.channels_last,
+            IS_FP64=grad.dtype == torch.float64,
+            INT64=needs_int64(grad, grad_x),
+        )
     return grad_x
 
 

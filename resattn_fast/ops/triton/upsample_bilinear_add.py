@@ -119,7 +119,8 @@ def _scale(scale32, scale64_bits, IS_FP64: tl.constexpr):
     if IS_FP64:
         return tl.cast(scale64_bits, tl.int64).to(tl.float64, bitcast=True)
     else:
-        return scale32
+        # tl.cast: Triton 3.6's interpreter passes a float argument as a Python float.
+        return tl.cast(scale32, tl.float32)
 
 
 @triton.jit

@@ -6,7 +6,7 @@
 Triton: every ``@triton.jit`` kernel of ``resattn_fast/ops/triton`` is compiled by Triton's
 own compiler for each target (``triton.compile(ASTSource(...), target=GPUTarget("cuda",
 arch, 32))``) in every specialization its launcher can produce: each autotune config
-(BLOCK, num_warps, num_stages) x each dtype (float32, float16, bfloat16, float64; the
+(BLOCK, num_warps, num_stages) the autotuner may try (after its own pruning) x each dtype (float32, float16, bfloat16, float64; the
 kernel's IS_FP64 follows it) x every value of its other boolean constexpr flags
 (CHANNELS_LAST, HAS_SKIP, ALIGN, INT64, ...). Pointers carry the 16-byte alignment hint of
 a fresh PyTorch allocation; integers are not specialized (the general case); with INT64
@@ -178,50 +178,57 @@ def _res_usage(path: str) -> List[Tuple[Optional[int], str, Dict[str, int]]]:
 
 
 # --------------------------------------------------------------------------- Triton
-def _jit_kernels(module: str) -> Iterator[Tuple[str, Any, List[Any]]]:
-    """(name, JITFunction, autotune configs) of every launched kernel of ``module``."""
+def _jit_kernels(module: str) -> Iterator[Tuple[str, Any, List[Any], Any]]:
+    """(name, JITFunction, autotune configs, early_config_prune or None) of every launched
+    kernel of ``module``."""
     import triton
     from triton.runtime.autotuner import Autotuner
 
     mod = importlib.import_module(module)
     for name, obj in sorted(vars(mod).items()):
         if isinstance(obj, Autotuner):
-            yield name, obj.fn, list(obj.configs)
+            yield name, obj.fn, list(obj.configs), getattr(obj, "early_config_prune", None)
         elif isinstance(obj, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
-            yield name, obj, [triton.Config({}, num_warps=4)]
+            yield name, obj, [triton.Config({}, num_warps=4)], None
+
+
+def _variant(module: str, name: str, fn: Any, cfg: Any, dtype: str, flags: List[str],
+             const: Dict[str, Any]) -> TritonVariant:
+    sig: Dict[str, str] = {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            sig[p.name] = "*" + DTYPES[dtype]
+        elif p.name in FLOAT_ARGS:
+            sig[p.name] = "fp32"
+        elif p.name in INT64_ARGS:
+            sig[p.name] = "i64"
+        elif p.name in COUNT_ARGS and const.get("INT64"):
+            sig[p.name] = "i64"
+        else:
+            sig[p.name] = "i32"
+    parts = [f"BLOCK={cfg.kwargs.get('BLOCK')}/w{cfg.num_warps}", dtype]
+    parts += [f for f in flags if const[f]]
+    return TritonVariant(module, name, sig, const, cfg.num_warps, cfg.num_stages, " ".join(parts))
 
 
 def triton_variants() -> List[TritonVariant]:
     """Every specialization the launchers can produce (see the module docstring)."""
     variants: List[TritonVariant] = []
     for module in TRITON_MODULES:
-        for name, fn, cfgs in _jit_kernels(module):
+        for name, fn, cfgs, prune in _jit_kernels(module):
             flags = [p.name for p in fn.params if p.is_constexpr
                      and p.name != "IS_FP64" and all(p.name not in c.kwargs for c in cfgs)]
-            for cfg, dtype, values in itertools.product(
-                    cfgs, DTYPES, itertools.product((False, True), repeat=len(flags))):
-                const = dict(zip(flags, values))
-                const.update(cfg.kwargs)
+            for dtype, values in itertools.product(
+                    DTYPES, itertools.product((False, True), repeat=len(flags))):
+                flag_const = dict(zip(flags, values))
                 if any(p.name == "IS_FP64" for p in fn.params):
-                    const["IS_FP64"] = dtype == "float64"
-                sig: Dict[str, str] = {}
-                for p in fn.params:
-                    if p.is_constexpr:
-                        sig[p.name] = "constexpr"
-                    elif p.name.endswith("_ptr"):
-                        sig[p.name] = "*" + DTYPES[dtype]
-                    elif p.name in FLOAT_ARGS:
-                        sig[p.name] = "fp32"
-                    elif p.name in INT64_ARGS:
-                        sig[p.name] = "i64"
-                    elif p.name in COUNT_ARGS and const.get("INT64"):
-                        sig[p.name] = "i64"
-                    else:
-                        sig[p.name] = "i32"
-                parts = [f"BLOCK={cfg.kwargs.get('BLOCK')}/w{cfg.num_warps}", dtype]
-                parts += [f for f in flags if const[f]]
-                variants.append(TritonVariant(module, name, sig, const, cfg.num_warps,
-                                              cfg.num_stages, " ".join(parts)))
+                    flag_const["IS_FP64"] = dtype == "float64"
+                # The configs this launch tunes over (the autotuner's own pruning).
+                for cfg in prune(cfgs, {}, **flag_const) if prune else cfgs:
+                    variants.append(_variant(module, name, fn, cfg, dtype, flags,
+                                             {**flag_const, **cfg.kwargs}))
             # Triton turns integer arguments equal to 1 (sizes, strides) into constants,
             # which breaks code that calls tensor methods on them: compile that case
             # too, every such argument 1, all flags off and all on.
@@ -254,7 +261,7 @@ def _compile_one(args: Tuple[TritonVariant, int]) -> Row:
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
-        fn = dict((n, f) for n, f, _ in _jit_kernels(v.module))[v.name]
+        fn = {n: f for n, f, _, _ in _jit_kernels(v.module)}[v.name]
         attrs = {(i,): [["tt.divisibility", 16]]
                  for i, p in enumerate(fn.params) if v.signature[p.name].startswith("*")}
         src = ASTSource(fn=fn, signature=v.signature, constexprs=v.constexprs, attrs=attrs)

@@ -25,7 +25,7 @@ numbered in the memory order of the tensor it writes, so stores are coalesced.
 """
 
 import struct
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -54,6 +54,15 @@ _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # of output pixels per input pixel, so it uses smaller blocks.
 _FWD_CONFIGS = configs([(512, 4), (1024, 4), (2048, 8)], interpreted_block=2048)
 _BWD_CONFIGS = configs([(128, 4), (256, 4), (512, 8)], interpreted_block=1024)
+
+
+def _prune_fwd(configs: List[triton.Config], nargs: Any, **kwargs: Any) -> List[triton.Config]:
+    """The forward configs a launch may tune over: float64 at most 1024 elements per
+    block (with 64-bit offsets, the 2048-element block needs more registers than ptxas
+    gives it on sm_80: Triton 3.6 spills there; see benchmarks/gpu_resources.py)."""
+    if kwargs.get("IS_FP64"):
+        return [c for c in configs if c.kwargs.get("BLOCK", 0) <= 1024] or configs[:1]
+    return configs
 
 
 @triton.jit
@@ -166,7 +175,8 @@ def _first_reader(i, in_size, out_size, scale, ALIGN: tl.constexpr):
 
 
 # Autotuned once per size class (size_class(total), in the key; unused by the kernel).
-@triton.autotune(configs=_FWD_CONFIGS, key=["size_cls", "CHANNELS_LAST", "HAS_SKIP", "INT64"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["size_cls", "CHANNELS_LAST", "HAS_SKIP", "INT64"],
+                 prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit(do_not_specialize=["size_cls", "scale_h64", "scale_w64"])
 def _upsample_bilinear_add_fwd_kernel(
     x_ptr, skip_ptr, out_ptr, total, size_cls,

@@ -10,7 +10,8 @@ torch.library.opcheck; torch.compile(fullgraph=True); bit-identical backward (al
 torch.use_deterministic_algorithms(True)); CUDA graph capture; float64 gradcheck.
 
 float16/bfloat16 results must stay within 2x the error of eager PyTorch in the same dtype
-(plus a small atol) against a float64 reference (tests/_tolerance.py).
+(plus a small atol) against a float64 reference (tests/_tolerance.py); so must float32 at
+sizes where float32's own index and weight math errs by more than the fixed tolerance.
 """
 
 from __future__ import annotations
@@ -103,7 +104,9 @@ def _up_run(fn: Callable, x: torch.Tensor, s: Optional[torch.Tensor], g: torch.T
 
 
 def _up_check(backend: str, n: int, c: int, hw, HW, dtype: torch.dtype, layout: str,
-              align_corners: bool, with_skip: bool = True) -> None:
+              align_corners: bool, with_skip: bool = True, eager_rule: bool = False) -> None:
+    """The fused op vs the float64 reference; half types (and float32 with ``eager_rule``)
+    within 2x eager PyTorch's own error in that dtype."""
     require_backend(backend, DEV)
     x64 = _rand((n, c, *hw), dtype)
     s64 = _rand((n, c, *HW), dtype) if with_skip else None
@@ -117,7 +120,7 @@ def _up_check(backend: str, n: int, c: int, hw, HW, dtype: torch.dtype, layout: 
     out, gx, gs = _up_run(fused, x, s, g64, HW, align_corners)
     eout, egx, _ = _up_run(ref.upsample_bilinear_add, x64, s64, g64, HW, align_corners)
     h_out = h_gx = None
-    if dtype in HALF:  # eager PyTorch in the same dtype, for the 2x-error rule
+    if dtype in HALF or eager_rule:  # eager PyTorch in the same dtype, for the 2x-error rule
         h_out, h_gx, _ = _up_run(ref.upsample_bilinear_add, x64.to(dtype),
                                  s64.to(dtype) if with_skip else None, g64.to(dtype), HW,
                                  align_corners)
@@ -184,9 +187,13 @@ def test_upsample_stage1_full_size(backend, dtype, layout):
 
 
 def test_upsample_large_spatial_sizes_cuda():
-    """Axis tables too big for shared memory: the in-thread range/tap path of the backward."""
-    _up_check("cuda", 1, 2, (700, 9), (4000, 3000), torch.float32, "nchw", False)
-    _up_check("cuda", 1, 8, (3000, 5), (2900, 700), torch.float32, "channels_last", True)
+    """Axis tables too big for shared memory: the in-thread range/tap path of the backward.
+
+    At these sizes float32's own source indices and weights err by ~1e-4 (PyTorch's
+    float32 result fails a fixed 1e-5 against float64 too): the 2x-eager rule applies."""
+    _up_check("cuda", 1, 2, (700, 9), (4000, 3000), torch.float32, "nchw", False, eager_rule=True)
+    _up_check("cuda", 1, 8, (3000, 5), (2900, 700), torch.float32, "channels_last", True,
+              eager_rule=True)
 
 
 # ----------------------------------------------------------------- attention_residual

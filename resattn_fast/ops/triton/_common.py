@@ -5,23 +5,27 @@ interpreter never benchmarks), the 64-bit index decision, layout helpers and the
 ``triton_op`` registration keywords. Device side: the float32/float64 accumulation cast.
 """
 
+import contextlib
 import inspect
 import os
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Dict, List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 
 __all__ = [
     "INTERPRETED",
     "acc",
     "configs",
     "dense_like",
+    "device_guard",
     "flat_grid",
     "needs_fake",
     "needs_int64",
     "same_layout",
+    "size_class",
     "triton_op_kwargs",
 ]
 
@@ -91,6 +95,28 @@ def needs_fake(op: Any) -> bool:
     so nothing is needed where it does that; a torch that did not would get the shared
     fakes, which describe the same shapes, dtypes and layouts."""
     return getattr(op, "_abstract_fn", None) is None
+
+
+def size_class(n: int) -> int:
+    """The autotune size class of ``n`` elements: the next power of two (>= 1).
+
+    The kernels take it as an extra, unused argument that is in the autotune key instead
+    of the exact element count, so a new shape of the same class (another batch size, as
+    the max-batch search tries) reuses the tuned config instead of benchmarking all of
+    them again. It is never specialized on (``do_not_specialize``), so it adds no compiled
+    variant."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def device_guard(t: torch.Tensor) -> ContextManager[Any]:
+    """Make ``t``'s GPU the current device for a kernel launch (Triton launches on the
+    current device; the C++ launchers use a CUDAGuard for the same reason). A no-op for
+    CPU tensors (the interpreter) and for fake tensors (torch.compile and opcheck trace the
+    op body on them, where ``wrap_triton`` launches nothing: no device is touched, so
+    tracing needs no GPU)."""
+    if t.device.type == "cuda" and not is_fake(t):
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def flat_grid(n: int) -> Callable[[Dict[str, Any]], Tuple[int]]:

@@ -24,10 +24,12 @@ from ._common import (
     acc,
     configs,
     dense_like,
+    device_guard,
     flat_grid,
     needs_fake,
     needs_int64,
     same_layout,
+    size_class,
     triton_op_kwargs,
 )
 
@@ -46,10 +48,11 @@ def _sigmoid(m):
     return 1.0 / (1.0 + tl.exp(-m))
 
 
-@triton.autotune(configs=_CONFIGS, key=["numel", "INT64"])
-@triton.jit
+# Autotuned once per size class (size_class(numel), in the key; unused by the kernel).
+@triton.autotune(configs=_CONFIGS, key=["size_cls", "INT64"])
+@triton.jit(do_not_specialize=["size_cls"])
 def _attention_residual_fwd_kernel(
-    m_ptr, f_ptr, out_ptr, numel,
+    m_ptr, f_ptr, out_ptr, numel, size_cls,
     IS_FP64: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -63,10 +66,10 @@ def _attention_residual_fwd_kernel(
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_CONFIGS, key=["numel", "INT64"])
-@triton.jit
+@triton.autotune(configs=_CONFIGS, key=["size_cls", "INT64"])
+@triton.jit(do_not_specialize=["size_cls"])
 def _attention_residual_bwd_kernel(
-    g_ptr, m_ptr, f_ptr, gm_ptr, gf_ptr, numel,
+    g_ptr, m_ptr, f_ptr, gm_ptr, gf_ptr, numel, size_cls,
     IS_FP64: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -115,10 +118,11 @@ def attention_residual_triton(mask_logits: torch.Tensor, trunk: torch.Tensor) ->
         return out
     m = dense_like(mask_logits, out)
     f = dense_like(trunk, out)
-    wrap_triton(_attention_residual_fwd_kernel)[flat_grid(numel)](
-        m, f, out, numel,
-        IS_FP64=out.dtype == torch.float64, INT64=needs_int64(out),
-    )
+    with device_guard(out):
+        wrap_triton(_attention_residual_fwd_kernel)[flat_grid(numel)](
+            m, f, out, numel, size_class(numel),
+            IS_FP64=out.dtype == torch.float64, INT64=needs_int64(out),
+        )
     return out
 
 
@@ -146,10 +150,11 @@ def attention_residual_backward_triton(
     f = dense_like(trunk, grad_f)
     direct = same_layout(grad_m, grad_f)
     gm = grad_m if direct else torch.empty_like(grad_f)
-    wrap_triton(_attention_residual_bwd_kernel)[flat_grid(numel)](
-        g, m, f, gm, grad_f, numel,
-        IS_FP64=grad_f.dtype == torch.float64, INT64=needs_int64(grad_f),
-    )
+    with device_guard(grad_f):
+        wrap_triton(_attention_residual_bwd_kernel)[flat_grid(numel)](
+            g, m, f, gm, grad_f, numel, size_class(numel),
+            IS_FP64=grad_f.dtype == torch.float64, INT64=needs_int64(grad_f),
+        )
     if not direct:
         grad_m.copy_(gm)
     return grad_m, grad_f

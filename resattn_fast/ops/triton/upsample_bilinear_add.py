@@ -10,8 +10,12 @@ Index and weight math is PyTorch's (kernels/bilinear.h), per axis:
   align_corners=True : src = dst * (in - 1) / (out - 1)          (0 when out == 1)
   align_corners=False: src = max((dst + 0.5) * in / out - 0.5, 0)
   i0 = min(floor(src), in - 1), i1 = min(i0 + 1, in - 1), w1 = src - i0, w0 = 1 - w1,
-evaluated in float32 (float64 for float64 tensors), scale computed on the device from the
-integer sizes exactly as PyTorch does on the host.
+evaluated in float32 (float64 for float64 tensors). The scale is PyTorch's, bit for bit,
+computed on the host as PyTorch computes it (a correctly rounded division) and passed in:
+float32 as a float argument, float64 as the int64 bits of the double (Triton passes
+Python floats as float32). No division is left in the kernels' exact path: ``/`` compiles
+to the approximate ``div.full.f32`` on NVIDIA GPUs, and float64 ``/`` to a subroutine
+call whose saved return address counts as a spill.
 
 Layouts: the forward reads x and skip through their strides (any layout, no copy) and
 writes a dense output in skip's memory format (x's without skip): NCHW or channels_last.
@@ -20,8 +24,10 @@ Each program element owns one output element (forward) or one input element (bac
 numbered in the memory order of the tensor it writes, so stores are coalesced.
 """
 
-from typing import List, Optional
+import struct
+from typing import Any, List, Optional, Tuple
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +35,16 @@ from torch.library import wrap_triton
 
 from ..._format import memory_format_of
 from .. import _registry
-from ._common import acc, configs, flat_grid, needs_fake, needs_int64, triton_op_kwargs
+from ._common import (
+    acc,
+    configs,
+    device_guard,
+    flat_grid,
+    needs_fake,
+    needs_int64,
+    size_class,
+    triton_op_kwargs,
+)
 
 __all__ = ["upsample_bilinear_add", "upsample_bilinear_add_backward"]
 
@@ -41,38 +56,80 @@ _FWD_CONFIGS = configs([(512, 4), (1024, 4), (2048, 8)], interpreted_block=2048)
 _BWD_CONFIGS = configs([(128, 4), (256, 4), (512, 8)], interpreted_block=1024)
 
 
+def _prune_fwd(configs: List[triton.Config], nargs: Any, **kwargs: Any) -> List[triton.Config]:
+    """The forward configs a launch may tune over: float64 at most 1024 elements per
+    block (with 64-bit offsets, the 2048-element block needs more registers than ptxas
+    gives it on sm_80: Triton 3.6 spills there; see benchmarks/gpu_resources.py)."""
+    if kwargs.get("IS_FP64"):
+        return [c for c in configs if c.kwargs.get("BLOCK", 0) <= 1024] or configs[:1]
+    return configs
+
+
 @triton.jit
-def _unravel(offs, C, H, W, CHANNELS_LAST: tl.constexpr):
-    """(n, c, y, x) of flat offsets into a dense (N, C, H, W) tensor in NCHW or NHWC order."""
-    if CHANNELS_LAST:
-        c = offs % C
+def _unravel(offs, C, H, W, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr):
+    """(n, c, y, x) of flat offsets into a dense (N, C, H, W) tensor in NCHW or NHWC order.
+
+    One division per dimension, the remainder by multiply-subtract: a separate ``%``
+    would be a second integer division (the costliest instructions here). With 64-bit
+    offsets (INT64) only the divisions that need it are 64-bit: one H*W plane (< 2**31
+    elements) is split with 32-bit math, which keeps the register count (and spills) of
+    the INT64 specialization down."""
+    if INT64:
+        # tl.cast, not .to: Triton turns integer arguments equal to 1 into constants.
+        hw = tl.cast(H, tl.int64) * W
+        if CHANNELS_LAST:
+            pix = offs // C
+            c = offs - pix * C
+            n = pix // hw
+            r = (pix - n * hw).to(tl.int32)
+        else:
+            plane = offs // hw
+            r = (offs - plane * hw).to(tl.int32)
+            n = plane // C
+            c = plane - n * C
+        y32 = r // W
+        y = y32.to(tl.int64)
+        x = (r - y32 * W).to(tl.int64)
+    elif CHANNELS_LAST:
         rest = offs // C
-        x = rest % W
-        rest = rest // W
-        y = rest % H
-        n = rest // H
+        c = offs - rest * C
+        rest2 = rest // W
+        x = rest - rest2 * W
+        n = rest2 // H
+        y = rest2 - n * H
     else:
-        x = offs % W
         rest = offs // W
-        y = rest % H
-        rest = rest // H
-        c = rest % C
-        n = rest // C
+        x = offs - rest * W
+        rest2 = rest // H
+        y = rest - rest2 * H
+        n = rest2 // C
+        c = rest2 - n * C
     return n, c, y, x
 
 
-@triton.jit
-def _scale(in_size, out_size, ALIGN: tl.constexpr, IS_FP64: tl.constexpr):
-    """The source-index step along one axis (PyTorch's area_pixel_compute_scale)."""
-    if ALIGN:
-        # out == 1 reads only dst = 0, whose source is 0 whatever the scale: divide by
-        # max(out - 1, 1) to keep the division finite.
-        num = acc(in_size - 1, IS_FP64)
-        den = tl.maximum(acc(out_size - 1, IS_FP64), 1.0)
+def _scales(in_size: int, out_size: int, align_corners: bool) -> Tuple[float, int]:
+    """PyTorch's area_pixel_compute_scale along one axis, as (the float32 scale, the bits
+    of the float64 scale as an int64): correctly rounded divisions in each precision, 0
+    for align_corners with one output (whose only source index is 0)."""
+    if align_corners:
+        num, den = in_size - 1, out_size - 1
     else:
-        num = acc(in_size, IS_FP64)
-        den = acc(out_size, IS_FP64)
-    return num / den
+        num, den = in_size, out_size
+    if den < 1:
+        return 0.0, 0
+    s32 = float(np.float32(num) / np.float32(den))
+    (bits,) = struct.unpack("<q", struct.pack("<d", num / den))
+    return s32, bits
+
+
+@triton.jit
+def _scale(scale32, scale64_bits, IS_FP64: tl.constexpr):
+    """The source-index step along one axis in the accumulation type, from the host's."""
+    if IS_FP64:
+        return tl.cast(scale64_bits, tl.int64).to(tl.float64, bitcast=True)
+    else:
+        # tl.cast: Triton 3.6's interpreter passes a float argument as a Python float.
+        return tl.cast(scale32, tl.float32)
 
 
 @triton.jit
@@ -92,23 +149,24 @@ def _tap(dst, in_size, scale, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def _first_reader(i, in_size, out_size, scale, ALIGN: tl.constexpr, IS_FP64: tl.constexpr):
+def _first_reader(i, in_size, out_size, scale, ALIGN: tl.constexpr):
     """The first output index whose taps include input index ``i`` (i1(dst) >= i), or a
     later index that reads nothing if no output reads ``i``.
 
     A closed-form guess from the inverse of the source formula, moved down by 2 to absorb
     its rounding, then advanced with the exact forward tap formula, so the backward can
-    never disagree with the forward about which pixels touch."""
-    t = acc(i - 1, IS_FP64)
+    never disagree with the forward about which pixels touch. The guess is float32 (an
+    approximate division suffices) whatever the tensors' type."""
+    t = (i - 1).to(tl.float32)
     if ALIGN:
-        inv = acc(out_size - 1, IS_FP64) / tl.maximum(acc(in_size - 1, IS_FP64), 1.0)
+        inv = tl.cast(out_size - 1, tl.float32) / tl.maximum(tl.cast(in_size - 1, tl.float32), 1.0)
         guess = t * inv
     else:
-        inv = acc(out_size, IS_FP64) / acc(in_size, IS_FP64)
+        inv = tl.cast(out_size, tl.float32) / tl.cast(in_size, tl.float32)
         guess = (t + 0.5) * inv - 0.5
     # i <= 1 is read from dst = 0 on: for align_corners=False the clamp at 0 maps the first
     # outputs onto inputs 0 and 1 (the latter with weight 0, still a tap, as in PyTorch).
-    guess = tl.where(i <= 1, 0.0, tl.minimum(tl.maximum(guess, 0.0), acc(out_size, IS_FP64)))
+    guess = tl.where(i <= 1, 0.0, tl.minimum(tl.maximum(guess, 0.0), tl.cast(out_size, tl.float32)))
     start = tl.maximum(tl.floor(guess).to(i.dtype) - 2, 0)
     for _ in tl.static_range(5):
         _i0, i1, _w0, _w1 = _tap(start, in_size, scale, ALIGN)
@@ -116,11 +174,13 @@ def _first_reader(i, in_size, out_size, scale, ALIGN: tl.constexpr, IS_FP64: tl.
     return start
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["total", "CHANNELS_LAST", "HAS_SKIP", "INT64"])
-@triton.jit
+# Autotuned once per size class (size_class(total), in the key; unused by the kernel).
+@triton.autotune(configs=_FWD_CONFIGS, key=["size_cls", "CHANNELS_LAST", "HAS_SKIP", "INT64"],
+                 prune_configs_by={"early_config_prune": _prune_fwd})
+@triton.jit(do_not_specialize=["size_cls", "scale_h64", "scale_w64"])
 def _upsample_bilinear_add_fwd_kernel(
-    x_ptr, skip_ptr, out_ptr, total,
-    C, H, W, h, w,
+    x_ptr, skip_ptr, out_ptr, total, size_cls,
+    C, H, W, h, w, scale_h32, scale_w32, scale_h64, scale_w64,
     sxn, sxc, sxh, sxw,
     ssn, ssc, ssh, ssw,
     ALIGN: tl.constexpr, HAS_SKIP: tl.constexpr, CHANNELS_LAST: tl.constexpr,
@@ -132,10 +192,10 @@ def _upsample_bilinear_add_fwd_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     # offs is the output's own memory order: (n, c, oh, ow) or (n, oh, ow, c).
-    n, c, oh, ow = _unravel(offs, C, H, W, CHANNELS_LAST)
+    n, c, oh, ow = _unravel(offs, C, H, W, CHANNELS_LAST, INT64)
 
-    ih0, ih1, wh0, wh1 = _tap(oh, h, _scale(h, H, ALIGN, IS_FP64), ALIGN)
-    iw0, iw1, ww0, ww1 = _tap(ow, w, _scale(w, W, ALIGN, IS_FP64), ALIGN)
+    ih0, ih1, wh0, wh1 = _tap(oh, h, _scale(scale_h32, scale_h64, IS_FP64), ALIGN)
+    iw0, iw1, ww0, ww1 = _tap(ow, w, _scale(scale_w32, scale_w64, IS_FP64), ALIGN)
     base = x_ptr + n * sxn + c * sxc
     r0 = base + ih0 * sxh
     r1 = base + ih1 * sxh
@@ -150,11 +210,11 @@ def _upsample_bilinear_add_fwd_kernel(
     tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["total", "KH", "KW", "CHANNELS_LAST", "INT64"])
-@triton.jit
+@triton.autotune(configs=_BWD_CONFIGS, key=["size_cls", "KH", "KW", "CHANNELS_LAST", "INT64"])
+@triton.jit(do_not_specialize=["size_cls", "scale_h64", "scale_w64"])
 def _upsample_bilinear_add_bwd_kernel(
-    g_ptr, gx_ptr, total,
-    C, H, W, h, w,
+    g_ptr, gx_ptr, total, size_cls,
+    C, H, W, h, w, scale_h32, scale_w32, scale_h64, scale_w64,
     sgn, sgc, sgh, sgw,
     KH, KW,
     ALIGN: tl.constexpr, CHANNELS_LAST: tl.constexpr,
@@ -166,32 +226,38 @@ def _upsample_bilinear_add_bwd_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     # offs is grad_x's own memory order: (n, c, ih, iw) or (n, ih, iw, c).
-    n, c, ih, iw = _unravel(offs, C, h, w, CHANNELS_LAST)
+    n, c, ih, iw = _unravel(offs, C, h, w, CHANNELS_LAST, INT64)
 
-    scale_h = _scale(h, H, ALIGN, IS_FP64)
-    scale_w = _scale(w, W, ALIGN, IS_FP64)
-    oh_start = _first_reader(ih, h, H, scale_h, ALIGN, IS_FP64)
-    ow_start = _first_reader(iw, w, W, scale_w, ALIGN, IS_FP64)
+    scale_h = _scale(scale_h32, scale_h64, IS_FP64)
+    scale_w = _scale(scale_w32, scale_w64, IS_FP64)
+    oh_start = _first_reader(ih, h, H, scale_h, ALIGN)
+    ow_start = _first_reader(iw, w, W, scale_w, ALIGN)
     base = g_ptr + n * sgn + c * sgc
     total_acc = acc(tl.zeros([BLOCK], dtype=tl.float32), IS_FP64)
     # The outputs that read (ih, iw) are the rectangle [oh_lo, oh_hi) x [ow_lo, ow_hi)
     # starting at (oh_start, ow_start); KH x KW (host bound) covers it. Every candidate is
     # tested with the exact forward taps, and grad is only read where it is used.
-    for kh in range(0, KH):
+    # while loops on the runtime bounds (not range(KH)): Triton 3.6's interpreter cannot
+    # turn an integer argument into a Python range bound; compiled, both are the same loop.
+    kh = 0
+    while kh < KH:
         oh = oh_start + kh
         th0, th1, uh0, uh1 = _tap(oh, h, scale_h, ALIGN)
         hit_h = ((th0 == ih) | (th1 == ih)) & (oh < H) & mask
         wgt_h = tl.where(th0 == ih, uh0, 0.0) + tl.where(th1 == ih, uh1, 0.0)
         row_ptr = base + tl.minimum(oh, H - 1) * sgh
         row = acc(tl.zeros([BLOCK], dtype=tl.float32), IS_FP64)
-        for kw in range(0, KW):
+        kw = 0
+        while kw < KW:
             ow = ow_start + kw
             tw0, tw1, uw0, uw1 = _tap(ow, w, scale_w, ALIGN)
             hit = hit_h & ((tw0 == iw) | (tw1 == iw)) & (ow < W)
             wgt_w = tl.where(tw0 == iw, uw0, 0.0) + tl.where(tw1 == iw, uw1, 0.0)
             g = acc(tl.load(row_ptr + tl.minimum(ow, W - 1) * sgw, mask=hit, other=0.0), IS_FP64)
             row += tl.where(hit, wgt_w * g, 0.0)
+            kw += 1
         total_acc += tl.where(hit_h, wgt_h * row, 0.0)
+        kh += 1
     tl.store(gx_ptr + offs, total_acc.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -259,16 +325,19 @@ def upsample_bilinear_add_triton(x: torch.Tensor, skip: Optional[torch.Tensor], 
     has_skip = skip is not None
     s = skip if has_skip else out  # never read without skip: any valid pointer will do
     sst = skip.stride() if has_skip else (0, 0, 0, 0)
-    wrap_triton(_upsample_bilinear_add_fwd_kernel)[flat_grid(total)](
-        x, s, out, total,
-        C, H, W, h, w,
-        *x.stride(),
-        *sst,
-        ALIGN=bool(align_corners), HAS_SKIP=has_skip,
-        CHANNELS_LAST=fmt == torch.channels_last,
-        IS_FP64=x.dtype == torch.float64,
-        INT64=needs_int64(x, s, out),
-    )
+    sh32, sh64 = _scales(int(h), H, bool(align_corners))
+    sw32, sw64 = _scales(int(w), W, bool(align_corners))
+    with device_guard(out):
+        wrap_triton(_upsample_bilinear_add_fwd_kernel)[flat_grid(total)](
+            x, s, out, total, size_class(total),
+            C, H, W, h, w, sh32, sw32, sh64, sw64,
+            *x.stride(),
+            *sst,
+            ALIGN=bool(align_corners), HAS_SKIP=has_skip,
+            CHANNELS_LAST=fmt == torch.channels_last,
+            IS_FP64=x.dtype == torch.float64,
+            INT64=needs_int64(x, s, out),
+        )
     return out
 
 
@@ -295,15 +364,18 @@ def upsample_bilinear_add_backward_triton(grad: torch.Tensor, input_size: List[i
         return grad_x
     kh = _window(h, int(H), bool(align_corners))
     kw = _window(w, int(W), bool(align_corners))
-    wrap_triton(_upsample_bilinear_add_bwd_kernel)[flat_grid(total)](
-        grad, grad_x, total,
-        C, H, W, h, w,
-        *grad.stride(),
-        kh, kw,
-        ALIGN=bool(align_corners), CHANNELS_LAST=fmt == torch.channels_last,
-        IS_FP64=grad.dtype == torch.float64,
-        INT64=needs_int64(grad, grad_x),
-    )
+    sh32, sh64 = _scales(h, int(H), bool(align_corners))
+    sw32, sw64 = _scales(w, int(W), bool(align_corners))
+    with device_guard(grad_x):
+        wrap_triton(_upsample_bilinear_add_bwd_kernel)[flat_grid(total)](
+            grad, grad_x, total, size_class(total),
+            C, H, W, h, w, sh32, sw32, sh64, sw64,
+            *grad.stride(),
+            kh, kw,
+            ALIGN=bool(align_corners), CHANNELS_LAST=fmt == torch.channels_last,
+            IS_FP64=grad.dtype == torch.float64,
+            INT64=needs_int64(grad, grad_x),
+        )
     return grad_x
 
 

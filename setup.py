@@ -90,7 +90,10 @@ def _extensions():
 
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3"]
-    nvcc = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-lineinfo"]
+    # No --use_fast_math: the kernels are memory-bound, and fast math would make the GPU's
+    # sigmoid (expf) approximate and flush denormals, unlike the CPU backend, the emulated
+    # build (csrc/emulation/) and PyTorch's own kernels.
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
     define_macros = []
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "kernels")]
     if sys.platform.startswith("linux"):

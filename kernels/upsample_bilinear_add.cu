@@ -41,8 +41,14 @@ namespace {
 // Shared memory a block may use for the backward's axis tables without opting in.
 constexpr int64_t kMaxTableBytes = 48 * 1024;
 // The backward's gather loops would otherwise take 70-96 registers a thread (3 blocks of
-// 256 per SM); capping them at 64 keeps 4 blocks resident for more loads in flight.
+// 256 per SM); capping them at 64 keeps 4 blocks resident for more loads in flight. The
+// channels_last kernel's rare paths (64-bit indices for huge tensors, in-thread tables for
+// huge planes) need more than 64 and would spill there: they get 3 blocks' worth (~80).
 constexpr int kBackwardBlocksPerSM = 4;
+template <typename index_t, bool kTabled>
+constexpr int backward_cl_blocks_per_sm() {
+  return sizeof(index_t) == 4 && kTabled ? kBackwardBlocksPerSM : 3;
+}
 
 // One spatial axis of the interpolation (input size -> output size), with optional
 // block-shared tables of its output ranges (per input index) and taps (per output index).
@@ -269,7 +275,7 @@ __global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM) upsample_backw
 
 // channels_last: item li covers channels [cv*VEC, cv*VEC + VEC) of one input pixel.
 template <typename scalar_t, typename index_t, int VEC, bool kTabled>
-__global__ void __launch_bounds__(kThreads, kBackwardBlocksPerSM) upsample_backward_cl_kernel(const scalar_t* __restrict__ grad,
+__global__ void __launch_bounds__(kThreads, (backward_cl_blocks_per_sm<index_t, kTabled>())) upsample_backward_cl_kernel(const scalar_t* __restrict__ grad,
                                             scalar_t* __restrict__ grad_x, int64_t items,
                                             index_t C, index_t h, index_t w, index_t H,
                                             index_t W, Axis<at::opmath_type<scalar_t>> ay,

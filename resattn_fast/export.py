@@ -20,7 +20,7 @@ import argparse
 import os
 import tempfile
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -72,9 +72,15 @@ def _atomic_path(path: str) -> Iterator[str]:
         raise
 
 
-def _example(model: torch.nn.Module, batch: int, size: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, size, size, generator=g)
+def _batches(model: torch.nn.Module, size: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """(x, check, expected, batch): a (2, 3, size, size) batch to export with, a batch of 3
+    to run the written file on (so the batch axis is shown to be dynamic), the model's
+    output on it, and the dynamic batch dimension."""
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    check = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(check)
+    return x, check, expected, torch.export.Dim("batch", min=1, max=1 << 16)
 
 
 def export_onnx(model: torch.nn.Module, path: str, image_size: int, *,
@@ -89,11 +95,7 @@ def export_onnx(model: torch.nn.Module, path: str, image_size: int, *,
     _need("onnxscript", "onnxscript", "--format onnx (torch.onnx's exporter)")
     ort = _need("onnxruntime", "onnxruntime", "--format onnx (its check after writing)")
     model = convert(model, "reference").eval().cpu()
-    x = _example(model, 2, image_size)
-    check = _example(model, 3, image_size, seed=1)
-    with torch.no_grad():
-        expected = model(check)
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    x, check, expected, batch = _batches(model, image_size)
     with _atomic_path(path) as tmp:
         try:
             program = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"],
@@ -118,11 +120,7 @@ def export_pt2(model: torch.nn.Module, path: str, image_size: int) -> float:
     and save it to ``path``; load the file back, run it on a batch of 3 and return the
     largest absolute difference from the model."""
     model = model.eval()
-    x = _example(model, 2, image_size)
-    check = _example(model, 3, image_size, seed=1)
-    with torch.no_grad():
-        expected = model(check)
-    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    x, check, expected, batch = _batches(model, image_size)
     with _atomic_path(path) as tmp:
         try:
             program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))

@@ -60,6 +60,14 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """The CLI's --threads sets torch's thread count for the process: restore it."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     if torch.cuda.is_available():
         return

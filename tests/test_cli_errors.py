@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from resattn_fast import cli
@@ -15,13 +14,6 @@ from resattn_fast.train.checkpoint import save_checkpoint
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["train", "--model", "attention56_cifar", "--epochs", "1", "--threads", "1",
         "--train-subset", "32", "--val-subset", "16", "--batch-size", "16", "--log-every", "0"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def _fails(capsys, argv, *fragments):

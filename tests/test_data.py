@@ -23,13 +23,6 @@ TINY = ["--model", "attention56_cifar", "--data", "digits", "--train-subset", "3
         "--val-subset", "16", "--batch-size", "16", "--threads", "1", "--log-every", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def _image_folder(root, sizes=((40, 30), (33, 50)), classes=("cat", "dog")):
     from PIL import Image
 

@@ -16,13 +16,6 @@ TINY = ["--model", "attention56_cifar", "--data", "digits", "--train-subset", "6
         "--val-subset", "32", "--batch-size", "16", "--threads", "1", "--log-every", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("eval") / "run"

@@ -23,13 +23,6 @@ TINY = ["--model", "attention56_cifar", "--data", "digits", "--train-subset", "6
         "--val-subset", "32", "--batch-size", "16", "--threads", "1", "--log-every", "0"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def _train(out, *extra):
     return cli.main(["train", *TINY, "--out", str(out), *extra])
 

@@ -53,6 +53,10 @@ inline void device_limits(int* sms, int* threads_per_sm) {
   *sms = ::resattn::emu::options().multiprocessors;
   *threads_per_sm = ::resattn::emu::options().threads_per_multiprocessor;
 }
+// Test switches that exist only in the emulated build (constant false on a GPU): they
+// reach, on small tensors, paths that a GPU takes only with huge ones.
+inline bool force_int64_index() { return ::resattn::emu::options().force_int64_index; }
+inline bool force_in_thread_tables() { return ::resattn::emu::options().force_in_thread_tables; }
 #else
 using DeviceGuard = c10::cuda::CUDAGuard;
 using Stream = cudaStream_t;
@@ -65,29 +69,14 @@ inline void device_limits(int* sms, int* threads_per_sm) {
   C10_CUDA_CHECK(
       cudaDeviceGetAttribute(threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
 }
+constexpr bool force_int64_index() { return false; }
+constexpr bool force_in_thread_tables() { return false; }
 #endif
 
 // The tensors a kernel of this build can read: CUDA tensors (CPU tensors when emulated).
 inline void check_on_device(const at::Tensor& t, const char* name) {
   TORCH_CHECK(on_device(t), "resattn_fast: ", name, " must be a ", kDeviceName, " tensor, got ",
               t.device());
-}
-
-// Test switches that exist only in the emulated build (constant false on a GPU): they
-// reach, on small tensors, paths that a GPU takes only with huge ones.
-inline bool force_int64_index() {
-#ifdef RESATTN_CUDA_EMULATION
-  return ::resattn::emu::options().force_int64_index;
-#else
-  return false;
-#endif
-}
-inline bool force_in_thread_tables() {
-#ifdef RESATTN_CUDA_EMULATION
-  return ::resattn::emu::options().force_in_thread_tables;
-#else
-  return false;
-#endif
 }
 
 constexpr int kThreads = 256;

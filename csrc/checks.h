@@ -5,6 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <utility>
+
 namespace resattn {
 
 inline void check_floating(const at::Tensor& t, const char* name) {
@@ -77,6 +80,82 @@ inline void check_attention_grad(const at::Tensor& grad, const at::Tensor& trunk
   check_same(grad, "grad", trunk, "trunk");
   TORCH_CHECK(grad.sizes() == trunk.sizes(), "resattn_fast: grad must have trunk's shape, got ",
               grad.sizes(), " and ", trunk.sizes());
+}
+
+// A per-channel vector of batch_norm_relu: (C,), on x's device, float32 or x's dtype
+// (float64 for float64 x). Half x under autocast comes with float32 parameters and
+// statistics, as nn.BatchNorm2d accepts.
+inline void check_channel_vector(const at::Tensor& v, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == x.size(1), "resattn_fast: ", name,
+              " must be a 1-D tensor of C = ", x.size(1), " values, got shape ", v.sizes());
+  TORCH_CHECK(v.device() == x.device(), "resattn_fast: ", name, " must be on x's device (",
+              x.device(), "), got ", v.device());
+  const auto dt = v.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == x.scalar_type(), "resattn_fast: ", name,
+              " must be float32 or x's dtype (", x.scalar_type(), "), got ", dt);
+}
+
+// batch_norm_relu(x, weight?, bias?, running_mean?, running_var?, training, eps).
+inline void check_batch_norm_relu_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& bias,
+                                       const std::optional<at::Tensor>& running_mean,
+                                       const std::optional<at::Tensor>& running_var,
+                                       bool training, double eps) {
+  check_4d(x, "x");
+  check_floating(x, "x");
+  TORCH_CHECK(x.size(1) >= 1, "resattn_fast: x must have at least one channel, got ", x.sizes());
+  TORCH_CHECK(eps >= 0, "resattn_fast: eps must be >= 0, got ", eps);
+  if (weight.has_value()) check_channel_vector(*weight, "weight", x);
+  if (bias.has_value()) check_channel_vector(*bias, "bias", x);
+  if (running_mean.has_value()) check_channel_vector(*running_mean, "running_mean", x);
+  if (running_var.has_value()) check_channel_vector(*running_var, "running_var", x);
+  if (training) {
+    // PyTorch's own rule and words (torch.nn.functional._verify_batch_size).
+    TORCH_CHECK(x.numel() == 0 || x.numel() / x.size(1) > 1,
+                "Expected more than 1 value per channel when training, got input size ",
+                x.sizes());
+  } else {
+    TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
+                "resattn_fast: running_mean and running_var are required when training=False");
+  }
+}
+
+// batch_norm_relu_backward: grad and grad_residual have x's shape, dtype and device;
+// mean and var are (C,) in the accumulation dtype.
+inline void check_batch_norm_relu_backward_args(const at::Tensor& grad, const at::Tensor& x,
+                                                const at::Tensor& mean, const at::Tensor& var,
+                                                const std::optional<at::Tensor>& grad_residual) {
+  check_4d(x, "x");
+  check_floating(x, "x");
+  check_same(grad, "grad", x, "x");
+  TORCH_CHECK(grad.sizes() == x.sizes(), "resattn_fast: grad must have x's shape, got ",
+              grad.sizes(), " and ", x.sizes());
+  if (grad_residual.has_value()) {
+    check_same(*grad_residual, "grad_residual", x, "x");
+    TORCH_CHECK(grad_residual->sizes() == x.sizes(),
+                "resattn_fast: grad_residual must have x's shape, got ", grad_residual->sizes(),
+                " and ", x.sizes());
+  }
+  check_channel_vector(mean, "mean", x);
+  check_channel_vector(var, "var", x);
+}
+
+// batch_norm_update_stats(running_mean!, running_var!, mean, var, momentum, count).
+inline void check_batch_norm_update_args(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                         const at::Tensor& mean, const at::Tensor& var,
+                                         int64_t count) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{running_mean, "running_mean"},
+                                {running_var, "running_var"}, {mean, "mean"}, {var, "var"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == running_mean.size(0), "resattn_fast: ", name,
+                " must be a 1-D tensor of ", running_mean.size(0), " values, got shape ", t.sizes());
+    TORCH_CHECK(t.device() == running_mean.device(), "resattn_fast: ", name,
+                " must be on running_mean's device (", running_mean.device(), "), got ", t.device());
+    check_floating(t, name);
+  }
+  TORCH_CHECK(running_mean.scalar_type() == running_var.scalar_type(),
+              "resattn_fast: running_mean and running_var must have the same dtype, got ",
+              running_mean.scalar_type(), " and ", running_var.scalar_type());
+  TORCH_CHECK(count > 1, "resattn_fast: count must be > 1 (values per channel), got ", count);
 }
 
 // The memory format a 4-D result should take to follow `t` (channels_last stays

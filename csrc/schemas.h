@@ -20,6 +20,26 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "attention_residual_backward(Tensor grad, Tensor mask_logits, Tensor trunk) -> "
       "(Tensor, Tensor)");
+  // relu(batch_norm(x)) with the statistics it normalised with: (out, mean, var), mean and
+  // var (C,) in the accumulation dtype (float32; float64 for float64 x). training: the
+  // batch's mean and biased variance over (N, H, W); else running_mean / running_var
+  // (required). Running statistics are never written here (batch_norm_update_stats).
+  m.def(
+      "batch_norm_relu(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+      "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  // (grad_x, grad_weight, grad_bias) from grad and the forward's inputs and statistics; the
+  // ReLU mask and x_hat are recomputed. grad_residual (x's shape), when given, is added to
+  // grad_x in the same pass (the identity shortcut's gradient). weight_grads=false: the
+  // last two are empty and, in eval, the reduction pass is skipped.
+  m.def(
+      "batch_norm_relu_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, "
+      "Tensor mean, Tensor var, bool training, float eps, Tensor? grad_residual, "
+      "bool weight_grads) -> (Tensor, Tensor, Tensor)");
+  // running = (1 - momentum) * running + momentum * batch, with the unbiased variance
+  // (var * count / (count - 1)) into running_var; one launch for both.
+  m.def(
+      "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+      "Tensor var, float momentum, int count) -> ()");
 }
 
 }  // namespace resattn

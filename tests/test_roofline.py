@@ -65,11 +65,13 @@ def test_a_convolution_counted_by_hand() -> None:
     assert all(r.cls == "convolution" and r.matmul and r.launches == 1 for r in fwd + bwd)
 
 
-def test_a_training_batch_norm_counted_by_hand() -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_training_batch_norm_counted_by_hand(channels_last: bool) -> None:
     n, c, hw = 2, 3, 4
     x_b, c_b = 4 * n * c * hw * hw, 4 * c
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     with FakeTensorMode():
-        x = torch.randn(n, c, hw, hw, requires_grad=True)
+        x = torch.randn(n, c, hw, hw).contiguous(memory_format=fmt).requires_grad_()
         w = torch.randn(c, requires_grad=True)
         b = torch.randn(c, requires_grad=True)
         rm, rv = torch.zeros(c), torch.ones(c)
@@ -77,12 +79,36 @@ def test_a_training_batch_norm_counted_by_hand() -> None:
         y = F.batch_norm(x, rm, rv, w, b, training=True)
         g = torch.randn_like(y)
         bwd = _traced(lambda: torch.autograd.grad(y, [x, w, b], g), "backward")
-    # Forward reads x, weight, bias and the running statistics; writes y, the batch mean
-    # and inverse std (saved for backward) and the updated running statistics.
-    assert _summary(fwd) == [("aten.native_batch_norm", 0.0, x_b + 4 * c_b, x_b + 4 * c_b)]
-    # Backward reads dy, x, weight and the saved mean and inverse std; writes dx, dweight, dbias.
-    assert _summary(bwd) == [("aten.native_batch_norm_backward", 0.0, 2 * x_b + 3 * c_b, x_b + 2 * c_b)]
+    # As ATen's CUDA kernels run it: statistics (reads x; writes the batch mean and inverse
+    # std), the running update (reads both and the running statistics; writes the running
+    # statistics and the inverted variance), then the elementwise pass (reads x, weight,
+    # bias, mean, inverse std; writes y).
+    assert _summary(fwd) == [("aten.native_batch_norm (stats)", 0.0, x_b, 2 * c_b),
+                             ("aten.native_batch_norm (update stats, invert var)", 0.0, 4 * c_b, 3 * c_b),
+                             ("aten.native_batch_norm (elemt)", 0.0, x_b + 4 * c_b, x_b)]
+    # Backward: the reduction (reads dy, x, mean, inverse std, weight; writes dweight,
+    # dbias), then the elementwise pass (reads the same; writes dx). NCHW runs both in one
+    # kernel that reads dy and x twice.
+    reduce = ("aten.native_batch_norm_backward (reduce)", 0.0, 2 * x_b + 3 * c_b, 2 * c_b)
+    elemt = ("aten.native_batch_norm_backward (elemt)", 0.0, 2 * x_b + 3 * c_b, x_b)
+    if channels_last:
+        assert _summary(bwd) == [reduce, elemt]
+    else:
+        assert _summary(bwd) == [("aten.native_batch_norm_backward (reduce+elemt)", 0.0, 4 * x_b + 6 * c_b,
+                                  x_b + 2 * c_b)]
     assert {r.cls for r in fwd + bwd} == {"batch norm"}
+    assert all(r.launches == 1 for r in fwd + bwd)
+
+
+def test_an_eval_batch_norm_is_one_pass() -> None:
+    n, c, hw = 2, 3, 4
+    x_b, c_b = 4 * n * c * hw * hw, 4 * c
+    with FakeTensorMode():
+        x = torch.randn(n, c, hw, hw)
+        w, b, rm, rv = torch.randn(c), torch.randn(c), torch.zeros(c), torch.ones(c)
+        fwd = _traced(lambda: F.batch_norm(x, rm, rv, w, b, training=False))
+    assert [(r.op, r.read_bytes, r.write_bytes) for r in fwd] == [
+        ("aten.native_batch_norm", x_b + 4 * c_b, x_b)]
 
 
 @needs_ext
@@ -123,6 +149,85 @@ def test_fused_attention_residual_counted_by_hand() -> None:
     assert len(eager["bwd"]) == 3
 
 
+# Stand-ins for the fused BN-ReLU ops: the schemas of csrc/schemas.h in a test namespace,
+# fake kernels only (the roofline traces on fake tensors and never runs a kernel).
+_NS = "resattn_roofline_test"
+_STANDINS: Dict[str, object] = {}
+
+
+def _standin_ops() -> Dict[str, object]:
+    if not _STANDINS:
+        lib = torch.library.Library(_NS, "FRAGMENT")
+        lib.define("batch_norm_relu(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+                   "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor)")
+        lib.define("batch_norm_relu_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, "
+                   "Tensor var, bool training, float eps, Tensor? grad_residual, bool weight_grads) "
+                   "-> (Tensor, Tensor, Tensor)")
+        lib.define("batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+                   "Tensor var, float momentum, int count) -> ()")
+
+        def fwd(x, weight, bias, running_mean, running_var, training, eps):  # type: ignore[no-untyped-def]
+            c = x.shape[1]
+            return torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
+
+        def bwd(grad, x, weight, bias, mean, var, training, eps, grad_residual, weight_grads):  # type: ignore[no-untyped-def]
+            c = x.shape[1] if weight_grads else 0
+            return torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
+
+        def upd(running_mean, running_var, mean, var, momentum, count):  # type: ignore[no-untyped-def]
+            return None
+
+        for name, fn in (("batch_norm_relu", fwd), ("batch_norm_relu_backward", bwd),
+                         ("batch_norm_update_stats", upd)):
+            torch.library.register_fake(f"{_NS}::{name}", fn, lib=lib)
+        _STANDINS["lib"] = lib
+    return _STANDINS
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_batch_norm_relu_counted_by_hand(training: bool) -> None:
+    _standin_ops()
+    ops = getattr(torch.ops, _NS)
+    n, c, hw = 2, 5, 4
+    e = 2  # bfloat16 x, float32 parameters and statistics
+    X, P = e * n * c * hw * hw, 4 * c
+    with FakeTensorMode():
+        x = torch.randn(n, c, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        w, b, rm, rv = torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c)
+        tracer = Tracer(fused_namespaces=(_NS,))
+        with tracer:
+            y, mean, var = ops.batch_norm_relu(x, w, b, rm, rv, training, 1e-5)
+            if training:
+                ops.batch_norm_update_stats(rm, rv, mean, var, 0.1, n * hw * hw)
+            tracer.phase = "backward"
+            g = torch.empty_like(y)
+            ops.batch_norm_relu_backward(g, x, w, b, mean, var, training, 1e-5, None, training)
+            ops.batch_norm_relu_backward(g, x, w, b, mean, var, training, 1e-5, g, training)
+    recs = [(r.op.split(".", 1)[1], r.phase, r.read_bytes, r.write_bytes, r.launches) for r in tracer.records
+            if "empty" not in r.op]
+    if training:
+        assert recs == [
+            # forward: statistics (reads x), then normalise+ReLU (reads x, writes out): two kernels
+            ("batch_norm_relu (stats)", "forward", X, 2 * P, 1),
+            ("batch_norm_relu (apply)", "forward", X + 4 * P, X, 1),
+            # the running update: one small kernel, in place
+            ("batch_norm_update_stats", "forward", 4 * P, 2 * P, 1),
+            # backward: the reduction (reads grad and x), then apply (reads grad, x; writes grad_x)
+            ("batch_norm_relu_backward (reduce)", "backward", 2 * X + 4 * P, 2 * P, 1),
+            ("batch_norm_relu_backward (apply)", "backward", 2 * X + 6 * P, X, 1),
+            # with the shortcut's gradient: apply also reads grad_residual
+            ("batch_norm_relu_backward (reduce)", "backward", 2 * X + 4 * P, 2 * P, 1),
+            ("batch_norm_relu_backward (apply)", "backward", 3 * X + 6 * P, X, 1)]
+    else:
+        assert recs == [
+            # eval: one kernel (the running statistics in, new mean/var tensors out)
+            ("batch_norm_relu", "forward", X + 4 * P, X + 2 * P, 1),
+            # eval backward without weight gradients: one apply kernel
+            ("batch_norm_relu_backward", "backward", 2 * X + 4 * P, X, 1),
+            ("batch_norm_relu_backward", "backward", 3 * X + 4 * P, X, 1)]
+    assert {r.cls for r in tracer.records if "empty" not in r.op} == {"fused BN-ReLU"}
+
+
 def test_one_residual_unit_counted_by_hand() -> None:
     from resattn_fast.reference.modules import ResidualUnit
 
@@ -135,8 +240,8 @@ def test_one_residual_unit_counted_by_hand() -> None:
     f2 = 2 * n * hw * hw * mid * mid * 9  # conv2 3x3 mid -> mid
     f3 = 2 * n * hw * hw * c * mid  # conv3 1x1 mid -> c
 
-    def bn_fwd(t: int, ch: int) -> int:  # reads x, weight, bias, running stats; writes y, mean, invstd, running
-        return 2 * (t + 4 * e * ch)
+    def bn_fwd(t: int, ch: int) -> int:  # stats (x), the running update, elemt (x, weight, bias, stats -> y)
+        return (t + 2 * e * ch) + (4 * e * ch + 3 * e * ch) + (t + 4 * e * ch + t)
 
     counter = 2 * 8  # num_batches_tracked += 1 (int64, read and written)
     fwd_bytes = (bn_fwd(X, c) + counter + 2 * X + (X + w1 + M)  # bn1, relu_, conv1
@@ -144,8 +249,8 @@ def test_one_residual_unit_counted_by_hand() -> None:
                  + bn_fwd(M, mid) + counter + 2 * M + (M + w3 + X)  # bn3, relu_, conv3
                  + 3 * X)  # the residual add
 
-    def bn_bwd(t: int, ch: int) -> int:  # reads dy, x, weight, mean, invstd; writes dx, dweight, dbias
-        return (2 * t + 3 * e * ch) + (t + 2 * e * ch)
+    def bn_bwd(t: int, ch: int) -> int:  # NCHW: one kernel reading dy, x (twice), weight, mean, invstd
+        return 2 * (2 * t + 3 * e * ch) + (t + 2 * e * ch)
 
     bwd_bytes = (3 * X  # x's two gradients summed
                  + (X + w3 + M) + (X + M + w3)  # conv3 dgrad, wgrad
@@ -171,8 +276,9 @@ def test_one_residual_unit_counted_by_hand() -> None:
     assert sum(r.flops for r in bwd) == 2 * (f1 + f2 + f3)
     assert sum(r.bytes for r in fwd) == fwd_bytes
     assert sum(r.bytes for r in bwd) == bwd_bytes
-    # forward: 3 x (bn, its counter, relu, conv) + add; backward: 3 x (dgrad, wgrad, relu, bn) + the sum
-    assert len(fwd) == 13 and len(bwd) == 13
+    # forward: 3 x (bn's three kernels, its counter, relu, conv) + add; backward: 3 x (dgrad,
+    # wgrad, relu, bn) + the sum
+    assert len(fwd) == 19 and len(bwd) == 13
 
 
 def test_forward_flops_agree_with_flop_counter_mode() -> None:

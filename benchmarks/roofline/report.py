@@ -235,9 +235,19 @@ def write_roofline(run: RooflineRun, out_dir: str) -> Dict[str, str]:
               "- Op classes: generic elementwise ops (add, mul, copy) inside the soft-mask ops count as "
               "`upsample` (the eager upsample and its skip add) or `sigmoid/multiply` (the eager (1 + "
               "sigmoid(m)) * t), forward and backward; `add` is the residual adds and the gradient sums.",
-              "- Not modelled: caches (L2 reuse between kernels), cuDNN's algorithm choices, the CPU side "
-              "of eager dispatch, batch norm kernels that read their input twice (statistics, then "
-              "normalisation), PyTorch's CUDA upsample backward zero-filling grad_x and scattering with "
+              "- Batch norm as its kernels run it. Eager (ATen's CUDA kernels, Normalization.cu; the path "
+              "PyTorch takes for bfloat16): training forward = a statistics kernel (reads x), a per-channel "
+              "kernel (running update, inverse std), the elementwise kernel (reads x, writes y): three tensor "
+              "passes; eval = the elementwise kernel alone; backward = batch_norm_backward_reduce (reads grad "
+              "and x) then batch_norm_backward_elemt (reads grad and x, writes grad_x); NCHW runs the two as "
+              "one kernel reading both twice (same bytes, one launch). Fused BN-ReLU (`batch_norm_relu`, "
+              "class `fused BN-ReLU`): training forward = statistics (reads x) then normalise+ReLU (reads x, "
+              "writes out); eval one kernel; backward = reduction (reads grad and x) then apply (reads grad, x "
+              "and, where the unit's input feeds the identity shortcut, its gradient; writes grad_x); "
+              "`batch_norm_update_stats` one small kernel.",
+              "- Not modelled: caches (L2 reuse between kernels, e.g. a statistics pass and the elementwise "
+              "pass that follows it on a tensor that fits in L2), cuDNN's algorithm choices, the CPU side "
+              "of eager dispatch, PyTorch's CUDA upsample backward zero-filling grad_x and scattering with "
               "atomics (the model prices the ideal one pass, so it flatters eager there).",
               "- Memory: parameters + gradients + momentum + buffers + activations kept for backward "
               "(saved_tensors_hooks, unique storages, parameters excluded; autocast's bfloat16 weight copies "

@@ -18,6 +18,23 @@ The fused ops count their own traffic like any other op: upsample_bilinear_add r
 (and skip) and writes the output; its backward reads the gradient and writes grad_x
 (grad_skip is the incoming gradient itself, no kernel); attention_residual reads two
 tensors and writes one; its backward reads three and writes two.
+
+Batch norm runs several kernels per op, and each is one record (``_batch_norm_passes``):
+
+- eager (ATen's CUDA kernels, aten/src/ATen/native/cuda/Normalization.cu, the path
+  ``_select_batch_norm_backend`` takes for bfloat16): training forward = a statistics
+  kernel (reads x), a per-channel kernel updating the running statistics and inverting the
+  variance, then the elementwise kernel (reads x, writes y); eval forward = the elementwise
+  kernel alone. Backward = ``batch_norm_backward_reduce`` (reads grad and x) then
+  ``batch_norm_backward_elemt`` (reads grad and x, writes grad_x); for an NCHW input the
+  two run as one kernel (``batch_norm_backward_cuda_template``) that reads both tensors
+  twice: the same bytes, one launch. Eval backward without weight gradients: one kernel.
+- fused (``resattn_fast::batch_norm_relu`` and its ``_triton`` twin): training forward =
+  a statistics kernel (reads x) then the normalise+ReLU kernel (reads x, writes out); eval
+  = that kernel alone. Backward (``batch_norm_relu_backward``) = the reduction (reads grad
+  and x) then the apply kernel (reads grad, x and grad_residual when given, writes
+  grad_x); in eval without weight gradients the apply kernel alone.
+  ``batch_norm_update_stats``: one kernel over the per-channel tensors.
 """
 
 from __future__ import annotations
@@ -41,6 +58,8 @@ __all__ = [
     "foreach_launches",
     "mark_region",
     "region_of_module",
+    "FUSED_NAMESPACES",
+    "BN_RELU_ADD_CLASSES",
 ]
 
 aten = torch.ops.aten
@@ -48,9 +67,11 @@ aten = torch.ops.aten
 # Op classes, in the order the report shows them.
 CONV, BN, RELU, POOL, UPSAMPLE, ADD, SIGMUL = (
     "convolution", "batch norm", "ReLU", "max-pool", "upsample", "add", "sigmoid/multiply")
-FUSED_UP, FUSED_ATT, OPTIM, CAST, OTHER = (
-    "fused upsample-add", "fused attention-residual", "optimizer", "cast (AMP)", "other")
-CLASSES = (CONV, BN, RELU, POOL, UPSAMPLE, ADD, SIGMUL, FUSED_UP, FUSED_ATT, OPTIM, CAST, OTHER)
+FUSED_UP, FUSED_ATT, FUSED_BN, OPTIM, CAST, OTHER = (
+    "fused upsample-add", "fused attention-residual", "fused BN-ReLU", "optimizer", "cast (AMP)", "other")
+CLASSES = (CONV, BN, RELU, POOL, UPSAMPLE, ADD, SIGMUL, FUSED_UP, FUSED_ATT, FUSED_BN, OPTIM, CAST, OTHER)
+# The pre-activation path (batch norm, ReLU, the residual adds and gradient sums), eager or fused.
+BN_RELU_ADD_CLASSES = (BN, RELU, ADD, FUSED_BN)
 # The soft-mask branch's own ops: what the fused kernels replace.
 SOFT_MASK_CLASSES = (UPSAMPLE, SIGMUL, FUSED_UP, FUSED_ATT)
 
@@ -84,6 +105,13 @@ _BY_NAME: Dict[str, str] = {
     "sigmoid": SIGMUL, "sigmoid_backward": SIGMUL,
     "_to_copy": CAST,
 }
+# Namespaces whose ops are this project's fused ops (tests register stand-ins elsewhere).
+FUSED_NAMESPACES = ("resattn_fast",)
+_FUSED_BN_OPS = ("batch_norm_relu", "batch_norm_relu_backward", "batch_norm_update_stats")
+_EAGER_BN_FORWARD = {"native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
+                     "_native_batch_norm_legit_functional", "_batch_norm_with_update",
+                     "_batch_norm_with_update_functional", "_batch_norm_no_update"}
+_EAGER_BN_BACKWARD = {"native_batch_norm_backward", "batch_norm_backward"}
 _GENERIC = {"add", "add_", "mul", "mul_", "sub", "rsub", "clone", "copy_", "contiguous", "addcmul", "div"}
 
 
@@ -153,23 +181,100 @@ def _unique(ts: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     return out
 
 
-def _batch_norm_running_stats(name: str, args: Sequence[Any], reads: List[torch.Tensor],
-                              mutated: List[torch.Tensor]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """native_batch_norm's schema does not mark the running statistics it updates in
-    training as written; its backward in training reads the saved batch statistics, not
-    the running ones that its schema lists."""
-    if name == "native_batch_norm" and len(args) > 5 and args[5]:
-        mutated = mutated + [t for t in args[3:5] if isinstance(t, torch.Tensor)]
-    elif name == "native_batch_norm_backward" and len(args) > 7 and args[7]:
-        running = {id(t) for t in args[3:5] if isinstance(t, torch.Tensor)}
-        reads = [t for t in reads if id(t) not in running]
-    return reads, mutated
-
-
 def _is_view(func: Any) -> bool:
     if getattr(func, "is_view", False):
         return True
     return getattr(func, "overloadpacket", None) in _TORCH_VIEW_OPS
+
+
+def _fused_base(name: str) -> str:
+    """The op's name without its backend suffix (``batch_norm_relu_triton`` -> ``batch_norm_relu``)."""
+    return name[: -len("_triton")] if name.endswith("_triton") else name
+
+
+def _arguments(func: Any, args: Sequence[Any], kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The op's arguments by their schema names (defaults filled in)."""
+    out: Dict[str, Any] = {}
+    for i, a in enumerate(func._schema.arguments):
+        if i < len(args):
+            out[a.name] = args[i]
+        elif a.name in kwargs:
+            out[a.name] = kwargs[a.name]
+        elif a.has_default_value():
+            out[a.name] = a.default_value
+        else:
+            out[a.name] = None
+    return out
+
+
+def _ts(*vals: Any) -> List[torch.Tensor]:
+    return [t for v in vals for t in _tensors(v) if t.numel() > 0]
+
+
+# One kernel of a multi-kernel op: (suffix, tensors read, tensors written, launches); a
+# tensor listed twice is read twice.
+_Pass = Tuple[str, List[torch.Tensor], List[torch.Tensor], int]
+
+
+def _batch_norm_passes(name: str, a: Dict[str, Any], out: Any, fused: bool) -> Optional[List[_Pass]]:
+    """The kernels of a batch-norm op (eager ATen or the fused BN-ReLU ops); None for other ops.
+    See the module docstring for the kernels each op runs."""
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    if fused:
+        base = _fused_base(name)
+        if base == "batch_norm_relu":
+            y, mean, var = outs[:3]
+            if a["training"]:
+                return [("(stats)", _ts(a["x"]), _ts(mean, var), 1),
+                        ("(apply)", _ts(a["x"], a["weight"], a["bias"], mean, var), _ts(y), 1)]
+            return [("", _ts(a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"]),
+                     _ts(y, mean, var), 1)]
+        if base == "batch_norm_relu_backward":
+            gx, gw, gb = outs[:3]
+            params = _ts(a["weight"], a["bias"], a["mean"], a["var"])
+            apply_reads = _ts(a["grad"], a["x"], a["grad_residual"]) + params
+            if a["training"] or a["weight_grads"]:
+                return [("(reduce)", _ts(a["grad"], a["x"]) + params, _ts(gw, gb), 1),
+                        ("(apply)", apply_reads + _ts(gw, gb), _ts(gx), 1)]
+            return [("", apply_reads, _ts(gx), 1)]
+        if base == "batch_norm_update_stats":
+            running = _ts(a["running_mean"], a["running_var"])
+            return [("", running + _ts(a["mean"], a["var"]), running, 1)]
+        return None
+    if name in _EAGER_BN_FORWARD:
+        x = a["input"]
+        running = _ts(a.get("running_mean"), a.get("running_var"))
+        training = a.get("training", name.startswith("_batch_norm_with_update"))
+        if name in ("_native_batch_norm_legit_no_training", "_batch_norm_no_update"):
+            training = False
+        y, save_mean, save_invstd = outs[:3]
+        params = _ts(a["weight"], a["bias"])
+        if not training:
+            return [("", _ts(x) + params + running, _ts(y), 1)]
+        saved = _ts(save_mean, save_invstd)
+        return [("(stats)", _ts(x), saved, 1),
+                ("(update stats, invert var)", saved + running, running + _ts(save_invstd), 1),
+                ("(elemt)", _ts(x) + params + saved, _ts(y), 1)]
+    if name in _EAGER_BN_BACKWARD:
+        x, grad = a["input"], a["grad_out"]
+        training = a.get("train", a.get("update", True))
+        mask = a.get("output_mask") or [True, True, True]
+        gx, gw, gb = outs[:3]
+        stats = _ts(a.get("save_mean"), a.get("save_invstd"), a.get("save_var"))
+        if not training and not stats:
+            stats = _ts(a.get("running_mean"), a.get("running_var"))
+        stats = _unique(stats + _ts(a["weight"]))
+        if not (training or mask[1] or mask[2]):
+            return [("(elemt)", _ts(grad, x) + stats, _ts(gx), 1)]
+        reduce = ("(reduce)", _ts(grad, x) + stats, _ts(gw, gb), 1)
+        elemt = ("(elemt)", _ts(grad, x) + stats, _ts(gx), 1)
+        if gx is None:
+            return [reduce]
+        if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
+            return [reduce, elemt]
+        # NCHW: one kernel per channel block that reduces, then applies (reads grad and x twice).
+        return [("(reduce+elemt)", reduce[1] + elemt[1], reduce[2] + elemt[2], 1)]
+    return None
 
 
 class Tracer(TorchDispatchMode):
@@ -177,14 +282,16 @@ class Tracer(TorchDispatchMode):
 
     ``phase`` (forward, backward, optimizer) and ``region`` are set by the caller; the
     region says which class a generic elementwise op (add, mul, copy) belongs to.
+    ``fused_namespaces``: the namespaces whose ops are this project's fused ops.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fused_namespaces: Sequence[str] = FUSED_NAMESPACES) -> None:
         super().__init__()
         self.records: List[KernelRecord] = []
         self.phase = "forward"
         self.region: List[str] = []
         self.ops_seen: Dict[str, int] = {}
+        self.fused_namespaces = tuple(fused_namespaces)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Sequence[Any] = (),
                            kwargs: Optional[Dict[str, Any]] = None) -> Any:
@@ -201,7 +308,9 @@ class Tracer(TorchDispatchMode):
     def _class(self, func: Any, name: str) -> str:
         if self.phase == "optimizer":
             return OPTIM
-        if _namespace(func) == "resattn_fast":
+        if _namespace(func) in self.fused_namespaces:
+            if _fused_base(name) in _FUSED_BN_OPS:
+                return FUSED_BN
             return FUSED_UP if name.startswith("upsample_bilinear_add") else FUSED_ATT
         region = self.region[-1] if self.region else None
         if name in _GENERIC and region is not None:
@@ -230,7 +339,6 @@ class Tracer(TorchDispatchMode):
             if written and name in _WRITE_ONLY_DEST:
                 continue
             reads += ts
-        reads, mutated = _batch_norm_running_stats(name, args, reads, mutated)
         writes = _unique(_tensors(out) + mutated)
         reads = _unique(reads)
         out_ts = _tensors(out)
@@ -246,6 +354,15 @@ class Tracer(TorchDispatchMode):
             launches = foreach_launches(lists)
         if name == "convolution_backward":
             self._conv_backward(key, cls, args, out, flops, dtype)
+            return
+        passes = _batch_norm_passes(name, _arguments(func, args, kwargs), out,
+                                    _namespace(func) in self.fused_namespaces)
+        if passes is not None:
+            for suffix, rd, wr, n in passes:
+                self.records.append(KernelRecord(
+                    op=f"{key} {suffix}".rstrip(), cls=cls, phase=self.phase, flops=0.0,
+                    read_bytes=sum(tensor_bytes(t) for t in rd),
+                    write_bytes=sum(tensor_bytes(t) for t in wr), launches=n, dtype=dtype, matmul=False))
             return
         self.records.append(KernelRecord(
             op=key, cls=cls, phase=self.phase, flops=flops,

@@ -28,7 +28,7 @@ Batch norm runs several kernels per op, and each is one record (``_batch_norm_pa
   kernel alone. Backward = ``batch_norm_backward_reduce`` (reads grad and x) then
   ``batch_norm_backward_elemt`` (reads grad and x, writes grad_x); for an NCHW input the
   two run as one kernel (``batch_norm_backward_cuda_template``) that reads both tensors
-  twice: the same bytes, one launch. Eval backward without weight gradients: one kernel.
+  twice: the same bytes, one launch (the second record has 0 launches). Eval backward without weight gradients: one kernel.
 - fused (``resattn_fast::batch_norm_relu`` and its ``_triton`` twin): training forward =
   a statistics kernel (reads x) then the normalise+ReLU kernel (reads x, writes out); eval
   = that kernel alone. Backward (``batch_norm_relu_backward``) = the reduction (reads grad
@@ -53,6 +53,7 @@ __all__ = [
     "CLASSES",
     "SOFT_MASK_CLASSES",
     "KernelRecord",
+    "LiveStorages",
     "Tracer",
     "tensor_bytes",
     "foreach_launches",
@@ -112,6 +113,9 @@ _EAGER_BN_FORWARD = {"native_batch_norm", "_native_batch_norm_legit", "_native_b
                      "_native_batch_norm_legit_functional", "_batch_norm_with_update",
                      "_batch_norm_with_update_functional", "_batch_norm_no_update"}
 _EAGER_BN_BACKWARD = {"native_batch_norm_backward", "batch_norm_backward"}
+# Reductions whose result a following elementwise pass needs (a fusion boundary).
+_REDUCTIONS = {"sum", "mean", "var_mean", "_log_softmax", "_log_softmax_backward_data", "nll_loss_forward",
+               "amax", "max", "_adaptive_avg_pool2d", "mean.dim"}
 _GENERIC = {"add", "add_", "mul", "mul_", "sub", "rsub", "clone", "copy_", "contiguous", "addcmul", "div"}
 
 
@@ -153,6 +157,10 @@ class KernelRecord:
     launches: int
     dtype: str  # the output's dtype ("torch.bfloat16")
     matmul: bool  # counted at the matrix (tensor-core) rate
+    # (storage id, bytes) of each tensor read / written: what a fusion model needs (fusion.py)
+    reads_io: Tuple[Tuple[int, int], ...] = ()
+    writes_io: Tuple[Tuple[int, int], ...] = ()
+    reduction: bool = False  # a per-channel reduction whose result the next pass over the tensor needs
 
     @property
     def bytes(self) -> int:
@@ -272,9 +280,80 @@ def _batch_norm_passes(name: str, a: Dict[str, Any], out: Any, fused: bool) -> O
             return [reduce]
         if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
             return [reduce, elemt]
-        # NCHW: one kernel per channel block that reduces, then applies (reads grad and x twice).
-        return [("(reduce+elemt)", reduce[1] + elemt[1], reduce[2] + elemt[2], 1)]
+        # NCHW: one kernel per channel block that reduces, then applies (reads grad and x
+        # twice): the same two passes, one launch.
+        return [reduce, ("(elemt, same kernel)", elemt[1], elemt[2], 0)]
     return None
+
+
+class LiveStorages:
+    """The storages the traced code creates, and when each dies: a timeline of live bytes.
+
+    Every output of every op (views included: they share their base's storage, counted
+    once) is registered with a weak reference to its storage; before each op the dead
+    ones are swept. It sees what autograd keeps wherever it keeps it: inside
+    torch.utils.checkpoint regions, behind saved-tensor hooks, in a recomputation during
+    backward. On fake tensors a storage has its real size and no memory. Each storage gets
+    a serial number (an address can be reused once its storage is gone).
+    """
+
+    def __init__(self) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._ref = StorageWeakRef
+        self.live: Dict[int, Tuple[Any, int, int]] = {}  # address -> (weak ref, bytes, serial)
+        self.events: List[Tuple[int, int]] = []  # (serial, +bytes at birth / -bytes at death)
+        self.marks: Dict[str, int] = {}
+        self._known: Set[int] = set()
+        self._keep: List[Any] = []
+        self._serial = 0
+
+    def ignore(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Storages that exist before the traced code (parameters, buffers, optimizer
+        state): ops that write them in place create nothing."""
+        for t in tensors:
+            ref = self._ref(t.untyped_storage())
+            self._known.add(ref.cdata)
+            self._keep.append(ref)  # the address stays this storage's while the reference lives
+
+    def sweep(self) -> None:
+        dead = [k for k, (ref, _, _) in self.live.items() if ref.expired()]
+        for k in dead:
+            _, n, serial = self.live.pop(k)
+            self.events.append((serial, -n))
+
+    def add(self, tensors: Sequence[torch.Tensor]) -> None:
+        for t in tensors:
+            st = t.untyped_storage()
+            ref = self._ref(st)
+            if ref.cdata not in self.live and ref.cdata not in self._known:
+                n = int(st.nbytes())
+                self._serial += 1
+                self.live[ref.cdata] = (ref, n, self._serial)
+                self.events.append((self._serial, n))
+
+    def serial(self, t: torch.Tensor) -> Optional[int]:
+        """The serial number of ``t``'s storage if the traced code created it and it lives."""
+        entry = self.live.get(self._ref(t.untyped_storage()).cdata)
+        return entry[2] if entry is not None and not entry[0].expired() else None
+
+    def mark(self, name: str) -> None:
+        """Remember this point of the timeline (e.g. the end of the forward pass)."""
+        self.sweep()
+        self.marks[name] = len(self.events)
+
+    def live_bytes(self, at: str, exclude: Set[int] = frozenset()) -> int:  # type: ignore[assignment]
+        """Bytes alive at mark ``at``, the storages whose serials are in ``exclude`` left out."""
+        return sum(n for k, n in self.events[: self.marks[at]] if k not in exclude)
+
+    def peak_bytes(self, until: str, exclude: Set[int] = frozenset()) -> int:  # type: ignore[assignment]
+        """Most bytes alive at once up to mark ``until``, ``exclude`` as in live_bytes."""
+        live = peak = 0
+        for k, n in self.events[: self.marks[until]]:
+            if k not in exclude:
+                live += n
+                peak = max(peak, live)
+        return peak
 
 
 class Tracer(TorchDispatchMode):
@@ -285,18 +364,28 @@ class Tracer(TorchDispatchMode):
     ``fused_namespaces``: the namespaces whose ops are this project's fused ops.
     """
 
-    def __init__(self, fused_namespaces: Sequence[str] = FUSED_NAMESPACES) -> None:
+    def __init__(self, fused_namespaces: Sequence[str] = FUSED_NAMESPACES, memory: bool = False) -> None:
         super().__init__()
+        self.memory: Optional[LiveStorages] = LiveStorages() if memory else None
         self.records: List[KernelRecord] = []
         self.phase = "forward"
         self.region: List[str] = []
         self.ops_seen: Dict[str, int] = {}
         self.fused_namespaces = tuple(fused_namespaces)
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._storage_ref = StorageWeakRef
+        self._ids: Dict[int, int] = {}
+        self._refs: List[Any] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Sequence[Any] = (),
                            kwargs: Optional[Dict[str, Any]] = None) -> Any:
         kwargs = kwargs or {}
+        if self.memory is not None:
+            self.memory.sweep()
         out = func(*args, **kwargs)
+        if self.memory is not None:
+            self.memory.add(_tensors(out))
         name = _op_name(func)
         if name in _NO_KERNEL or _namespace(func) in ("prim", "profiler") or _is_view(func):
             return out
@@ -322,6 +411,25 @@ class Tracer(TorchDispatchMode):
         if name in ("add", "add_"):
             return ADD
         return OTHER
+
+    def _id(self, t: torch.Tensor) -> int:
+        """A number for ``t``'s storage, unique over the trace (the weak reference kept
+        here stops the address from being reused)."""
+        ref = self._storage_ref(t.untyped_storage())
+        sid = self._ids.get(ref.cdata)
+        if sid is None:
+            sid = self._ids[ref.cdata] = len(self._ids) + 1
+            self._refs.append(ref)
+        return sid
+
+    def _emit(self, op: str, cls: str, flops: float, reads: Sequence[torch.Tensor], writes: Sequence[torch.Tensor],
+              launches: int, dtype: str, matmul: bool, reduction: bool = False) -> None:
+        rd = tuple((self._id(t), tensor_bytes(t)) for t in reads)
+        wr = tuple((self._id(t), tensor_bytes(t)) for t in writes)
+        self.records.append(KernelRecord(
+            op=op, cls=cls, phase=self.phase, flops=flops, read_bytes=sum(b for _, b in rd),
+            write_bytes=sum(b for _, b in wr), launches=launches, dtype=dtype, matmul=matmul,
+            reads_io=rd, writes_io=wr, reduction=reduction))
 
     def _record(self, func: Any, key: str, name: str, args: Sequence[Any], kwargs: Dict[str, Any],
                 out: Any) -> None:
@@ -359,16 +467,11 @@ class Tracer(TorchDispatchMode):
                                     _namespace(func) in self.fused_namespaces)
         if passes is not None:
             for suffix, rd, wr, n in passes:
-                self.records.append(KernelRecord(
-                    op=f"{key} {suffix}".rstrip(), cls=cls, phase=self.phase, flops=0.0,
-                    read_bytes=sum(tensor_bytes(t) for t in rd),
-                    write_bytes=sum(tensor_bytes(t) for t in wr), launches=n, dtype=dtype, matmul=False))
+                self._emit(f"{key} {suffix}".rstrip(), cls, 0.0, rd, wr, n, dtype, False,
+                           reduction=suffix in ("(stats)", "(reduce)"))
             return
-        self.records.append(KernelRecord(
-            op=key, cls=cls, phase=self.phase, flops=flops,
-            read_bytes=sum(tensor_bytes(t) for t in reads),
-            write_bytes=sum(tensor_bytes(t) for t in writes),
-            launches=launches, dtype=dtype, matmul=packet in flop_registry))
+        self._emit(key, cls, flops, reads, writes, launches, dtype, packet in flop_registry,
+                   reduction=name in _REDUCTIONS)
 
     def _conv_backward(self, key: str, cls: str, args: Sequence[Any], out: Any, flops: float,
                        dtype: str) -> None:
@@ -386,11 +489,8 @@ class Tracer(TorchDispatchMode):
             parts.append(("bgrad", [grad_out], [out[2]]))
         conv_parts = [p for p in parts if p[0] != "bgrad"]
         for part, rd, wr in parts:
-            self.records.append(KernelRecord(
-                op=f"{key} ({part})", cls=cls, phase=self.phase,
-                flops=flops / len(conv_parts) if part != "bgrad" else 0.0,
-                read_bytes=sum(tensor_bytes(t) for t in rd), write_bytes=sum(tensor_bytes(t) for t in wr),
-                launches=1, dtype=dtype, matmul=part != "bgrad"))
+            self._emit(f"{key} ({part})", cls, flops / len(conv_parts) if part != "bgrad" else 0.0, rd, wr, 1,
+                       dtype, part != "bgrad")
 
 
 @contextlib.contextmanager

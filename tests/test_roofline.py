@@ -25,10 +25,10 @@ if ROOT not in sys.path:  # benchmarks/ lives beside the package, not inside it
     sys.path.insert(0, ROOT)
 
 from benchmarks import run as bench_run  # noqa: E402
-from benchmarks.roofline import devices  # noqa: E402
-from benchmarks.roofline.model import kernel_seconds, max_batch, predict_step  # noqa: E402
-from benchmarks.roofline.step import fast_backend_problem, trace_op, trace_step  # noqa: E402
-from benchmarks.roofline.trace import KernelRecord, Tracer, foreach_launches  # noqa: E402
+from resattn_fast.roofline import devices  # noqa: E402
+from resattn_fast.roofline.model import kernel_seconds, max_batch, predict_step  # noqa: E402
+from resattn_fast.roofline.step import fast_backend_problem, trace_op, trace_step  # noqa: E402
+from resattn_fast.roofline.trace import KernelRecord, Tracer, foreach_launches  # noqa: E402
 
 needs_ext = pytest.mark.skipif(fast_backend_problem() is not None,
                                reason=f"resattn_fast._C not built: {fast_backend_problem()}")

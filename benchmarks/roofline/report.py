@@ -12,8 +12,8 @@ import statistics
 from typing import TYPE_CHECKING, Dict, List, Sequence
 
 from ..common import CSV_COLUMNS
-from .model import StepPrediction
-from .trace import CLASSES, SOFT_MASK_CLASSES
+from resattn_fast.roofline.model import StepPrediction
+from resattn_fast.roofline.trace import CLASSES, SOFT_MASK_CLASSES
 
 if TYPE_CHECKING:
     from .suite import RooflineRun

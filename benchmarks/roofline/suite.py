@@ -25,10 +25,10 @@ import torch
 
 from ..bench_ops import OpCase, op_cases
 from ..common import Results
-from .devices import GPUS, Gpu, from_device_name, lookup, torch_datasheet
-from .model import StepPrediction, predict_kernels, predict_step
-from .step import fast_backend_problem, trace_op, trace_step
-from .trace import CLASSES
+from resattn_fast.roofline.devices import GPUS, Gpu, from_device_name, lookup, torch_datasheet
+from resattn_fast.roofline.model import StepPrediction, predict_kernels, predict_step
+from resattn_fast.roofline.step import fast_backend_problem, trace_op, trace_step
+from resattn_fast.roofline.trace import CLASSES
 
 __all__ = ["RooflineRun", "add_arguments", "run_roofline", "DEFAULT_NETS", "OPS"]
 

@@ -1,4 +1,4 @@
-"""The `resattn` command: info, train, masks, eval, export (`python -m resattn_fast` is the same)."""
+"""The `resattn` command: info, train, masks, eval, export, plan (`python -m resattn_fast` is the same)."""
 
 from __future__ import annotations
 
@@ -89,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_export = sub.add_parser("export", help="write a checkpoint as onnx, pt2 or safetensors")
     export_command.add_arguments(p_export)
     p_export.set_defaults(func=export_command.run)
+    from . import plan as plan_command
+
+    p_plan = sub.add_parser("plan", help="per checkpointing mode: the largest batch that fits on a GPU and the "
+                                         "predicted images/s (roofline model)")
+    plan_command.add_arguments(p_plan)
+    p_plan.set_defaults(func=plan_command.run)
     return parser
 
 

@@ -69,7 +69,7 @@ def plan(model: str, gpu: str, *, amp: str = "bf16", channels_last: bool = False
     dev = lookup(gpu)
     rows = []
     for mode in modes:
-        def trace(batch: int):  # type: ignore[no-untyped-def]
+        def trace(batch: int, mode: str = mode):  # type: ignore[no-untyped-def]
             return trace_step(model, "fast", batch, amp=amp == "bf16", channels_last=channels_last,
                               checkpointing=mode, image_size=image_size)
 

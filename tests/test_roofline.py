@@ -281,6 +281,54 @@ def test_one_residual_unit_counted_by_hand() -> None:
     assert sum(r.launches for r in bwd) == 13  # NCHW: batch norm's two backward passes are one kernel
 
 
+def test_ideal_fusion_counted_by_hand() -> None:
+    from benchmarks.roofline.fusion import fuse_ideal
+
+    n, c, hw = 2, 4, 6
+    X = 4 * n * c * hw * hw
+    with FakeTensorMode():
+        x = torch.randn(n, c, hw, hw)
+        w = torch.randn(c, c, 1, 1)
+        tracer = Tracer()
+        with tracer:
+            y = (x * 2 + 1).relu()  # one kernel: reads x, writes y (the conv reads it)
+            z = F.conv2d(y, w)  # kept as it is
+            s = (z + x).sum()  # the add feeds the reduction only: never written
+            (z / s).exp()  # after the reduction: reads z again, writes the result
+    fused = fuse_ideal(tracer.records)
+    assert [(r.op.split(":")[0], r.read_bytes, r.write_bytes) for r in fused] == [
+        ("compiled", X, X), ("aten.convolution", X + 4 * c * c, X), ("compiled", 2 * X, 4),
+        ("compiled", X + 4, X)]
+    assert [r.cls for r in fused] == ["fused by compile", "convolution", "fused by compile", "fused by compile"]
+
+
+def test_live_storages_see_inside_a_checkpointed_region() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    def block(t: torch.Tensor) -> torch.Tensor:
+        return t.sin().sin()  # the first sin's output is saved by the second
+
+    kept = {}
+    for ckpt in (False, True):
+        with FakeTensorMode():
+            x = torch.randn(1000, requires_grad=True)
+            tracer = Tracer(memory=True)
+            mem = tracer.memory
+            mem.ignore([x])
+            with tracer:
+                y = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
+                mem.mark("forward")
+                y.sum().backward()
+                del y
+                mem.mark("backward")
+            kept[ckpt] = (mem.live_bytes("forward"), mem.peak_bytes("backward"))
+    # without: sin(x) kept and the output y; with: only y (the region's input x is not new)
+    assert kept[False][0] == 2 * 4000 and kept[True][0] == 4000
+    # backward with checkpointing recomputes sin(x) (and the unused second sin) while y and its
+    # gradient live: its peak exceeds what the forward kept
+    assert kept[True][1] > kept[True][0]
+
+
 def test_forward_flops_agree_with_flop_counter_mode() -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -391,13 +439,27 @@ def test_the_suite_writes_predictions_shares_and_op_rows(tmp_path: str) -> None:
                          "--channels-last", "--out", out])
     assert rc == 0
     rows = _read(os.path.join(out, "results.csv"))
-    net = {(r["impl"], r["metric"]): float(r["median"]) for r in rows if r["name"] == "attention56_cifar"}
+    every = {(r["impl"], r["mode"], r["metric"]): float(r["median"]) for r in rows
+             if r["name"] == "attention56_cifar"}
+    net = {(i, m): v for (i, mode, m), v in every.items() if mode == "train"}
     for impl in ("reference", "fast"):
         for metric in ("fwd_flops", "step_flops", "step_bytes", "predicted_step_ms", "predicted_images_per_s",
-                       "activation_bytes", "max_batch", "share:convolution", "share:batch norm"):
+                       "activation_bytes", "peak_bytes", "max_batch", "share:convolution", "share:batch norm",
+                       "bn_relu_add_share"):
             assert net[(impl, metric)] > 0, (impl, metric)
         shares = sum(v for (i, m), v in net.items() if i == impl and m.startswith("share:"))
         assert shares == pytest.approx(1.0, abs=1e-4)
+    # the reference compiled: the same FLOPs, fewer bytes and kernels, no memory rows
+    assert net[("reference+compile", "step_flops")] == net[("reference", "step_flops")]
+    assert net[("reference+compile", "step_bytes")] < net[("reference", "step_bytes")]
+    assert net[("reference+compile", "kernels")] < net[("reference", "kernels")]
+    assert net[("reference+compile", "share:fused by compile")] > 0
+    assert ("reference+compile", "max_batch") not in net
+    # full checkpointing: more work, less kept, a larger batch
+    full = {m: v for (i, mode, m), v in every.items() if i == "fast" and mode == "train+full"}
+    assert full["step_flops"] > net[("fast", "step_flops")]
+    assert full["activation_bytes"] < net[("fast", "activation_bytes")]
+    assert full["max_batch"] > net[("fast", "max_batch")]
     assert net[("fast", "share:fused attention-residual")] > 0 and ("fast", "share:sigmoid/multiply") not in net
     assert {r["shape"] for r in rows if r["name"] == "attention56_cifar"} == {"4x3x32x32"}
     ops = [r for r in rows if r["name"] in ("upsample_bilinear_add", "attention_residual")]
@@ -405,6 +467,7 @@ def test_the_suite_writes_predictions_shares_and_op_rows(tmp_path: str) -> None:
     assert {r["metric"] for r in ops} == {"bytes", "kernels", "predicted_ms"}
     report = open(os.path.join(out, "report.md")).read()
     assert "not a measurement" in report and "nvidia.com" in report
+    assert "## Checkpointing modes (prediction)" in report and "ideal fusion" in report
     with open(os.path.join(out, "roofline_breakdown.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

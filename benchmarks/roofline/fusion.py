@@ -27,11 +27,9 @@ from dataclasses import replace
 from typing import Dict, Iterable, List, Set
 
 from resattn_fast.roofline.step import StepTrace
-from resattn_fast.roofline.trace import CONV, OPTIM, KernelRecord
+from resattn_fast.roofline.trace import COMPILED, CONV, OPTIM, KernelRecord
 
 __all__ = ["COMPILED", "is_external", "fuse_ideal", "compiled_step"]
-
-COMPILED = "fused by compile"
 
 _EXTERNAL_OPS = ("aten.max_pool2d_with_indices", "aten.max_pool2d_with_indices_backward",
                  "aten.upsample_bilinear2d", "aten.upsample_bilinear2d_backward")

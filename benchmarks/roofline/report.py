@@ -11,9 +11,10 @@ import os
 import statistics
 from typing import TYPE_CHECKING, Dict, List, Sequence
 
-from ..common import CSV_COLUMNS
 from resattn_fast.roofline.model import StepPrediction
 from resattn_fast.roofline.trace import CLASSES, SOFT_MASK_CLASSES
+
+from ..common import CSV_COLUMNS
 
 if TYPE_CHECKING:
     from .suite import RooflineRun
@@ -47,37 +48,51 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> List[str]
     return out
 
 
+def _label(p: StepPrediction) -> str:
+    mode = p.trace.checkpointing
+    return p.trace.impl if mode == "none" else f"{p.trace.impl}, {mode}"
+
+
 def _pairs(preds: List[StepPrediction]) -> Dict[str, Dict[str, StepPrediction]]:
     out: Dict[str, Dict[str, StepPrediction]] = {}
     for p in preds:
-        out.setdefault(p.trace.net, {})[p.trace.impl] = p
+        out.setdefault(p.trace.net, {})[_label(p)] = p
     return out
 
 
+_ORDER = ("reference", "fast", "reference+compile", "fast, selective", "fast, full")
+
+
 def network_table(preds: List[StepPrediction], nets: Sequence[str] = ()) -> List[str]:
-    """Markdown table of the predicted step of each network, reference and fast."""
+    """Markdown table of the predicted step of each network: reference, fast, the reference
+    compiled, and the fast network in each checkpointing mode."""
     rows = []
     for net, by in _pairs(preds).items():
         if nets and net not in nets:
             continue
         ref = by.get("reference")
-        for impl in ("reference", "fast"):
-            p = by.get(impl)
+        for label in _ORDER:
+            p = by.get(label)
             if p is None:
                 continue
             tr = p.trace
-            speed = f"{ref.step_ms / p.step_ms:.2f}x" if ref and impl == "fast" else ""
-            rows.append([net, f"{tr.batch}x3x{tr.input_size}x{tr.input_size}", impl,
+            compiled = tr.impl == "reference+compile"
+            speed = f"{ref.step_ms / p.step_ms:.2f}x" if ref and label != "reference" else ""
+            rows.append([net, f"{tr.batch}x3x{tr.input_size}x{tr.input_size}", tr.impl, tr.checkpointing,
                          f"{tr.fwd_flops_per_image / 1e9:.2f}", f"{p.step_flops / 1e12:.2f}",
                          f"{p.step_bytes / 1e9:.1f}", f"{p.launches}", f"{p.step_ms:.1f}",
-                         f"{p.images_per_s:.0f}", speed, f"{p.soft_mask_share:.1%}",
-                         _fmt_bytes(tr.activation_bytes), f"{p.max_batch}"])
-    return _table(["network", "input", "impl", "fwd GFLOP/image", "step TFLOP", "step GB", "kernels",
-                   "predicted ms/step", "images/s", "fast vs reference", "soft-mask ops",
-                   "activations kept", "max batch"], rows)
+                         f"{p.images_per_s:.0f}", speed,
+                         "-" if compiled else f"{p.bn_relu_add_share:.1%}", f"{p.soft_mask_share:.1%}",
+                         "-" if compiled else _fmt_bytes(tr.activation_bytes),
+                         "-" if compiled else _fmt_bytes(tr.peak_bytes),
+                         "-" if compiled else f"{p.max_batch}"])
+    return _table(["network", "input", "impl", "checkpointing", "fwd GFLOP/image", "step TFLOP", "step GB",
+                   "kernels", "predicted ms/step", "images/s", "vs reference", "BN+ReLU+add",
+                   "soft-mask ops", "activations kept", "step peak", "max batch"], rows)
 
 
 def _share_table(preds: List[StepPrediction]) -> List[str]:
+    preds = [p for p in preds if p.trace.checkpointing == "none"]
     used = [c for c in CLASSES if any(p.class_ms.get(c, 0) > 0 for p in preds)]
     rows = []
     for p in preds:
@@ -86,10 +101,76 @@ def _share_table(preds: List[StepPrediction]) -> List[str]:
     return _table(["network", "impl", *used, "soft-mask ops (sum)", "compute-bound kernels"], rows)
 
 
+def _modes_table(preds: List[StepPrediction]) -> List[str]:
+    """Each checkpointing mode of the fast network against the reference without it."""
+    rows = []
+    for net, by in _pairs(preds).items():
+        ref = by.get("reference")
+        if ref is None:
+            continue
+        for label in ("reference", "fast", "fast, selective", "fast, full"):
+            p = by.get(label)
+            if p is None:
+                continue
+            rows.append([net, p.trace.impl, p.trace.checkpointing, _fmt_bytes(p.trace.activation_bytes),
+                         _fmt_bytes(p.trace.peak_bytes), f"{p.max_batch}",
+                         f"{p.max_batch / ref.max_batch:.2f}x" if ref.max_batch else "-",
+                         f"{p.step_ms:.1f}", f"{ref.step_ms / p.step_ms:.2f}x"])
+    return _table(["network", "impl", "checkpointing", "activations kept", "step peak", "max batch",
+                   "max batch vs reference", "predicted ms/step", "step speed vs reference"], rows)
+
+
+def _targets(preds: List[StepPrediction]) -> List[str]:
+    """The issues' targets for the prediction, each with the predicted figure (only those
+    this run's networks and rows allow)."""
+    pairs = _pairs(preds)
+    out: List[str] = []
+
+    def line(ok: bool, what: str, figure: str) -> None:
+        out.append(f"- {'met' if ok else 'NOT met'}: {what}: {figure}")
+
+    def speed(net: str, label: str) -> float:
+        by = pairs.get(net, {})
+        return by["reference"].step_ms / by[label].step_ms if "reference" in by and label in by else math.nan
+
+    if "attention92" in pairs:
+        v = speed("attention92", "fast")
+        line(v >= 1.25, "Attention-92 fast vs reference >= 1.25x", f"{v:.2f}x")
+    imagenet = [n for n in pairs if not n.endswith("_cifar")]
+    sp = {n: speed(n, "fast") for n in imagenet}
+    if sp:
+        worst = min(sp, key=lambda n: sp[n])
+        line(sp[worst] >= 1.2, "every ImageNet network fast vs reference >= 1.2x",
+             ", ".join(f"{n} {v:.2f}x" for n, v in sp.items()))
+    fast = [by["fast"] for by in pairs.values() if "fast" in by]
+    if fast:
+        top = max(fast, key=lambda p: p.bn_relu_add_share)
+        line(top.bn_relu_add_share <= 0.5, "BN+ReLU+add (fused or not) <= 50% of the fast step",
+             f"{min(p.bn_relu_add_share for p in fast):.1%} to {top.bn_relu_add_share:.1%}")
+    comp = {n: by["reference+compile"].step_ms / by["fast"].step_ms for n, by in pairs.items()
+            if "fast" in by and "reference+compile" in by}
+    if comp:
+        line(min(comp.values()) >= 1.0, "fast no slower than reference+compile (compiled ms / fast ms >= 1)",
+             ", ".join(f"{n} {v:.2f}" for n, v in comp.items()))
+    by = pairs.get("attention452", {})
+    ref = by.get("reference")
+    if ref is not None and ref.max_batch:
+        for label, need in (("fast, selective", 1.6), ("fast, full", 3.0)):
+            if label in by:
+                v = by[label].max_batch / ref.max_batch
+                line(v >= need, f"Attention-452 max batch, {label.split(', ')[1]} vs reference (no checkpointing) "
+                     f">= {need:g}x", f"{by[label].max_batch} vs {ref.max_batch} = {v:.2f}x")
+        if "fast, selective" in by:
+            v = ref.step_ms / by["fast, selective"].step_ms
+            line(v > 1.0, "Attention-452 selective step faster than the reference's without checkpointing",
+                 f"{v:.2f}x")
+    return out
+
+
 def fuse_next(preds: List[StepPrediction]) -> List[tuple]:
     """Memory-bound classes of the fast model ranked by their mean share of the step:
     (class, mean share, min share, max share)."""
-    fast = [p for p in preds if p.trace.impl == "fast"]
+    fast = [p for p in preds if p.trace.impl == "fast" and p.trace.checkpointing == "none"]
     out = []
     for c in MEMORY_BOUND_CLASSES:
         shares = [p.share(c) for p in fast]
@@ -157,7 +238,7 @@ def _plot(preds: List[StepPrediction], title: str) -> bytes:
     labels, stacks = [], []
     for net, by in pairs.items():
         ref = by.get("reference")
-        for impl in ("reference", "fast"):
+        for impl in ("reference", "reference+compile", "fast"):
             p = by.get(impl)
             if p is None:
                 continue
@@ -249,14 +330,35 @@ def write_roofline(run: RooflineRun, out_dir: str) -> Dict[str, str]:
               "pass that follows it on a tensor that fits in L2), cuDNN's algorithm choices, the CPU side "
               "of eager dispatch, PyTorch's CUDA upsample backward zero-filling grad_x and scattering with "
               "atomics (the model prices the ideal one pass, so it flatters eager there).",
-              "- Memory: parameters + gradients + momentum + buffers + activations kept for backward "
-              "(saved_tensors_hooks, unique storages, parameters excluded; autocast's bfloat16 weight copies "
-              "count) + a workspace of twice the "
-              "largest tensor the step writes; max batch = the largest batch that fits in 99% of the "
-              "capacity less 1.5 GiB (context, cuDNN), less 5% (allocator); activations taken as "
-              "proportional to the batch.", ""]
+              "- `reference+compile`: the reference step with an ideal fusion of its memory-bound kernels "
+              "(benchmarks/roofline/fusion.py), not inductor's own decisions (reading those without a GPU "
+              "means compiling each network's step with inductor for the CPU, minutes per network on the "
+              "CI's cores, with the CPU backend's fusion rules). Convolutions, matrix products, max-pool, "
+              "upsample and the optimizer stay as they are; every run of other kernels between two of them "
+              "reads each outside tensor once and writes only what is read outside the run (or never again), "
+              "cut after each per-channel reduction (batch norm statistics, its gradient sums), whose "
+              "result the next pass reads the tensor again for, as inductor's reduction-then-pointwise "
+              "kernels do. It errs on the compiler's side (no cache misses, every chain fused); its memory "
+              "is not modelled (AOTAutograd's partitioner recomputes cheap elementwise ops in backward).",
+              "- Memory: parameters + gradients + momentum + buffers + the step's peak of everything else "
+              "(activations kept for backward, gradients and temporaries in flight, recomputation): every "
+              "storage the step creates is followed from its op to its death on fake tensors, so "
+              "checkpointed regions count as they run (saved-tensor hooks would not see inside them); "
+              "the input batch counts, autocast's bfloat16 weight copies too. Max batch = the largest batch "
+              "whose peak fits in 99% of the capacity less 1.5 GiB (context, cuDNN workspaces), less 5% "
+              "(allocator), the peak taken as proportional to the batch.", ""]
     if preds:
+        targets = _targets(preds)
+        if targets:
+            lines += ["## The issues' targets, against this prediction", ""] + targets + [""]
         lines += ["## Networks (prediction)", ""] + network_table(preds) + [""]
+        if any(p.trace.checkpointing != "none" for p in preds):
+            lines += ["## Checkpointing modes (prediction)", "",
+                      "`model.set_grad_checkpointing(mode)` traced as set: the recomputation appears in the "
+                      "backward trace by itself. Activations kept: alive when the forward pass ends; step peak: "
+                      "the most alive at once until the backward pass ends (recomputation included); both "
+                      "followed storage by storage, inside checkpointed regions too, with the input batch, "
+                      "without parameters, gradients and optimizer state.", ""] + _modes_table(preds) + [""]
         lines += ["## Where the step goes (share of predicted time, prediction)", ""] + _share_table(preds) + [""]
         nxt = fuse_next(preds)
         if nxt:

@@ -23,12 +23,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..bench_ops import OpCase, op_cases
-from ..common import Results
 from resattn_fast.roofline.devices import GPUS, Gpu, from_device_name, lookup, torch_datasheet
 from resattn_fast.roofline.model import StepPrediction, predict_kernels, predict_step
 from resattn_fast.roofline.step import fast_backend_problem, trace_op, trace_step
 from resattn_fast.roofline.trace import CLASSES
+
+from ..bench_ops import OpCase, op_cases
+from ..common import Results
+from .fusion import compiled_step
 
 __all__ = ["RooflineRun", "add_arguments", "run_roofline", "DEFAULT_NETS", "OPS"]
 
@@ -119,16 +121,20 @@ def _add(res: Results, key: Dict[str, str], metric: str, unit: str, v: float) ->
 
 def _step_rows(res: Results, pred: StepPrediction, key: Dict[str, str]) -> None:
     tr = pred.trace
+    memory = tr.impl != "reference+compile"  # fusion.py does not model the compiled step's memory
     _add(res, key, "fwd_flops", "FLOP/image", tr.fwd_flops_per_image)
     _add(res, key, "step_flops", "FLOP", pred.step_flops)
     _add(res, key, "step_bytes", "bytes", pred.step_bytes)
     _add(res, key, "kernels", "count", pred.launches)
     _add(res, key, "predicted_step_ms", "ms", pred.step_ms)
     _add(res, key, "predicted_images_per_s", "images/s", pred.images_per_s)
-    _add(res, key, "activation_bytes", "bytes", tr.activation_bytes)
-    _add(res, key, "predicted_memory", "bytes", pred.memory_bytes)
-    _add(res, key, "max_batch", "images", pred.max_batch)
+    if memory:
+        _add(res, key, "activation_bytes", "bytes", tr.activation_bytes)
+        _add(res, key, "peak_bytes", "bytes", tr.peak_bytes)
+        _add(res, key, "predicted_memory", "bytes", pred.memory_bytes)
+        _add(res, key, "max_batch", "images", pred.max_batch)
     _add(res, key, "soft_mask_share", "fraction", pred.soft_mask_share)
+    _add(res, key, "bn_relu_add_share", "fraction", pred.bn_relu_add_share)
     for cls in CLASSES:
         if pred.class_ms.get(cls, 0.0) > 0:
             _add(res, key, f"share:{cls}", "fraction", pred.share(cls))
@@ -136,15 +142,17 @@ def _step_rows(res: Results, pred: StepPrediction, key: Dict[str, str]) -> None:
 
 
 def _trace_net(run: RooflineRun, net: str, impl: str, batch: int, optimizer: str,
-               log: Callable[[str], None]) -> StepPrediction:
+               log: Callable[[str], None], checkpointing: str = "none") -> StepPrediction:
     t0 = time.perf_counter()
     tr = trace_step(net, impl, batch, amp=run.dtype == "bf16", channels_last=run.channels_last,
-                    optimizer=optimizer)
+                    optimizer=optimizer, checkpointing=checkpointing)
     pred = predict_step(tr, run.gpu)
     took = time.perf_counter() - t0
-    run.trace_s[f"{net} {impl}"] = took
-    log(f"  {net} {impl} batch {batch}: traced {len(tr.records)} kernels in {took:.1f} s; "
-        f"predicted {pred.step_ms:.1f} ms/step, soft-mask ops {pred.soft_mask_share:.1%}")
+    label = impl if checkpointing == "none" else f"{impl} {checkpointing}"
+    run.trace_s[f"{net} {label}"] = took
+    log(f"  {net} {label} batch {batch}: traced {len(tr.records)} kernels in {took:.1f} s; "
+        f"predicted {pred.step_ms:.1f} ms/step, soft-mask ops {pred.soft_mask_share:.1%}, "
+        f"BN+ReLU+add {pred.bn_relu_add_share:.1%}, max batch {pred.max_batch}")
     return pred
 
 
@@ -354,10 +362,24 @@ def run_roofline(args: argparse.Namespace, command: str, log: Callable[[str], No
         layout = "channels_last" if run.channels_last else "nchw"
         for net in nets:
             b, shape = _net_shape(net, batch)
-            for impl in ("reference", "fast"):
-                pred = _trace_net(run, net, impl, b, "nesterov", log)
+            for impl, mode in (("reference", "none"), ("fast", "none"), ("reference+compile", "none"),
+                               ("fast", "selective"), ("fast", "full")):
+                if impl == "reference+compile":
+                    ref = next(p for p in run.predictions if p.trace.net == net and p.trace.impl == "reference")
+                    pred = predict_step(compiled_step(ref.trace), run.gpu)
+                else:
+                    try:
+                        pred = _trace_net(run, net, impl, b, "nesterov", log, checkpointing=mode)
+                    except ValueError as exc:
+                        if mode != "selective":
+                            raise
+                        note = f"{net} fast, selective checkpointing: not traced ({exc})"
+                        if note not in res.notes:
+                            res.notes.append(note)
+                        continue
                 run.predictions.append(pred)
-                key = dict(suite="roofline", name=net, impl=impl, backend="model", mode="train",
+                key = dict(suite="roofline", name=net, impl=impl, backend="model",
+                           mode="train" if mode == "none" else f"train+{mode}",
                            dtype=models_dtype, layout=layout, shape=shape)
                 _step_rows(res, pred, key)
         _ops_rows(run, log)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable
 
 from .devices import Gpu
 from .step import StepTrace
-from .trace import CLASSES, SOFT_MASK_CLASSES, KernelRecord
+from .trace import BN_RELU_ADD_CLASSES, CLASSES, SOFT_MASK_CLASSES, KernelRecord
 
 __all__ = ["kernel_seconds", "StepPrediction", "predict_step", "predict_kernels", "max_batch"]
 
@@ -72,6 +72,11 @@ class StepPrediction:
     @property
     def soft_mask_share(self) -> float:
         return sum(self.share(c) for c in SOFT_MASK_CLASSES)
+
+    @property
+    def bn_relu_add_share(self) -> float:
+        """Batch norm, ReLU, the residual adds and gradient sums, fused or not."""
+        return sum(self.share(c) for c in BN_RELU_ADD_CLASSES)
 
 
 def _static_bytes(tr: StepTrace) -> float:

@@ -51,6 +51,7 @@ from torch.utils.flop_counter import flop_registry
 
 __all__ = [
     "CLASSES",
+    "COMPILED",
     "SOFT_MASK_CLASSES",
     "KernelRecord",
     "LiveStorages",
@@ -70,7 +71,10 @@ CONV, BN, RELU, POOL, UPSAMPLE, ADD, SIGMUL = (
     "convolution", "batch norm", "ReLU", "max-pool", "upsample", "add", "sigmoid/multiply")
 FUSED_UP, FUSED_ATT, FUSED_BN, OPTIM, CAST, OTHER = (
     "fused upsample-add", "fused attention-residual", "fused BN-ReLU", "optimizer", "cast (AMP)", "other")
-CLASSES = (CONV, BN, RELU, POOL, UPSAMPLE, ADD, SIGMUL, FUSED_UP, FUSED_ATT, FUSED_BN, OPTIM, CAST, OTHER)
+# The memory-bound kernels of the reference as a compiler fuses them (benchmarks/roofline/fusion.py).
+COMPILED = "fused by compile"
+CLASSES = (CONV, BN, RELU, POOL, UPSAMPLE, ADD, SIGMUL, FUSED_UP, FUSED_ATT, FUSED_BN, COMPILED, OPTIM, CAST,
+           OTHER)
 # The pre-activation path (batch norm, ReLU, the residual adds and gradient sums), eager or fused.
 BN_RELU_ADD_CLASSES = (BN, RELU, ADD, FUSED_BN)
 # The soft-mask branch's own ops: what the fused kernels replace.

@@ -401,6 +401,9 @@ def test_the_fast_step_runs_the_fused_ops_and_the_reference_step_does_not(cifar_
                  "attention_residual_backward"):
         assert fast.ops_seen.get(f"resattn_fast.{name}", 0) > 0, name  # type: ignore[attr-defined]
         assert f"resattn_fast.{name}" not in ref.ops_seen  # type: ignore[attr-defined]
+    for name in ("batch_norm_relu", "batch_norm_relu_backward", "batch_norm_update_stats"):
+        assert fast.ops_seen.get(f"resattn_fast.{name}", 0) > 0, name  # type: ignore[attr-defined]
+    assert "aten.native_batch_norm" not in fast.ops_seen  # type: ignore[attr-defined]
     assert "aten.upsample_bilinear2d" in ref.ops_seen and "aten.sigmoid" in ref.ops_seen  # type: ignore[attr-defined]
     assert "aten.upsample_bilinear2d" not in fast.ops_seen and "aten.sigmoid" not in fast.ops_seen  # type: ignore[attr-defined]
     # Same convolutions, so the same FLOPs; the fused step moves fewer bytes and keeps less.
@@ -411,6 +414,33 @@ def test_the_fast_step_runs_the_fused_ops_and_the_reference_step_does_not(cifar_
     phases = {r.phase for r in f_recs}
     assert phases == {"forward", "backward", "optimizer"}
     assert all(r.cls == "optimizer" for r in f_recs if r.phase == "optimizer")
+
+
+@needs_ext
+def test_selective_checkpointing_recomputes_bn_relu_outputs_and_no_convolution(
+        cifar_steps: Dict[str, object]) -> None:
+    fast = cifar_steps["fast"]
+    try:
+        sel = trace_step("attention56_cifar", "fast", 4, amp=True, channels_last=True, checkpointing="selective")
+    except ValueError as exc:  # a version without the mode
+        pytest.skip(str(exc))
+    full = trace_step("attention56_cifar", "fast", 4, amp=True, channels_last=True, checkpointing="full")
+
+    def count(tr: object, phase: str, prefix: str) -> int:
+        return sum(r.launches for r in tr.records if r.phase == phase and r.op.startswith(prefix))  # type: ignore[attr-defined]
+
+    conv = "aten.convolution"
+    # selective: backward runs the normalise+ReLU pass again (eval kernel, one pass); no
+    # convolution reruns. full: every block's forward reruns, convolutions included.
+    assert count(sel, "backward", "resattn_fast.batch_norm_relu ") == 0
+    assert count(sel, "backward", "resattn_fast.batch_norm_relu") > count(fast, "backward", "resattn_fast.batch_norm_relu")
+    assert count(sel, "backward", conv + " ") == 0 == count(fast, "backward", conv + " ")
+    assert count(full, "backward", conv) > count(fast, "backward", conv)
+    # the running statistics are updated once per unit in every mode
+    for tr in (sel, full):
+        assert tr.ops_seen["resattn_fast.batch_norm_update_stats"] == fast.ops_seen[  # type: ignore[attr-defined]
+            "resattn_fast.batch_norm_update_stats"]
+    assert full.activation_bytes < sel.activation_bytes < fast.activation_bytes  # type: ignore[attr-defined]
 
 
 def test_step_prediction_and_max_batch_are_consistent(cifar_steps: Dict[str, object]) -> None:
@@ -444,8 +474,7 @@ def test_the_suite_writes_predictions_shares_and_op_rows(tmp_path: str) -> None:
     net = {(i, m): v for (i, mode, m), v in every.items() if mode == "train"}
     for impl in ("reference", "fast"):
         for metric in ("fwd_flops", "step_flops", "step_bytes", "predicted_step_ms", "predicted_images_per_s",
-                       "activation_bytes", "peak_bytes", "max_batch", "share:convolution", "share:batch norm",
-                       "bn_relu_add_share"):
+                       "activation_bytes", "peak_bytes", "max_batch", "share:convolution", "bn_relu_add_share"):
             assert net[(impl, metric)] > 0, (impl, metric)
         shares = sum(v for (i, m), v in net.items() if i == impl and m.startswith("share:"))
         assert shares == pytest.approx(1.0, abs=1e-4)
@@ -461,6 +490,9 @@ def test_the_suite_writes_predictions_shares_and_op_rows(tmp_path: str) -> None:
     assert full["activation_bytes"] < net[("fast", "activation_bytes")]
     assert full["max_batch"] > net[("fast", "max_batch")]
     assert net[("fast", "share:fused attention-residual")] > 0 and ("fast", "share:sigmoid/multiply") not in net
+    # every batch norm of the fast network is followed by a ReLU: all fused
+    assert net[("fast", "share:fused BN-ReLU")] > 0 and ("fast", "share:batch norm") not in net
+    assert net[("reference", "share:batch norm")] > 0 and ("reference", "share:fused BN-ReLU") not in net
     assert {r["shape"] for r in rows if r["name"] == "attention56_cifar"} == {"4x3x32x32"}
     ops = [r for r in rows if r["name"] in ("upsample_bilinear_add", "attention_residual")]
     assert {(r["impl"], r["mode"]) for r in ops} >= {("eager", "fwd"), ("fused", "fwd+bwd")}

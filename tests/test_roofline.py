@@ -500,6 +500,7 @@ def test_the_suite_writes_predictions_shares_and_op_rows(tmp_path: str) -> None:
     report = open(os.path.join(out, "report.md")).read()
     assert "not a measurement" in report and "nvidia.com" in report
     assert "## Checkpointing modes (prediction)" in report and "ideal fusion" in report
+    assert "## Launch-bound kernels of the fast step" in report
     with open(os.path.join(out, "roofline_breakdown.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

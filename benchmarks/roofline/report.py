@@ -120,6 +120,27 @@ def _modes_table(preds: List[StepPrediction]) -> List[str]:
                    "max batch vs reference", "predicted ms/step", "step speed vs reference"], rows)
 
 
+def _tiny_kernels(preds: List[StepPrediction]) -> List[str]:
+    """Kernels of the fast step that move under 64 KiB: their time is launch overhead."""
+    from collections import Counter
+
+    from resattn_fast.roofline.model import kernel_seconds
+
+    rows = []
+    for p in preds:
+        if p.trace.impl != "fast" or p.trace.checkpointing != "none":
+            continue
+        tiny = [r for r in p.trace.records if r.bytes < 65536 and not r.flops and r.launches]
+        ops: Counter = Counter()
+        for r in tiny:
+            ops[(r.op, r.phase)] += r.launches
+        ms = 1e3 * sum(kernel_seconds(r, p.gpu) for r in tiny)
+        top = ", ".join(f"{op} ({phase}) x{n}" for (op, phase), n in ops.most_common(3))
+        rows.append([p.trace.net, f"{sum(ops.values())}", f"{ms:.2f}", f"{ms / p.step_ms:.1%}", top])
+    return _table(["network", "kernels under 64 KiB", "predicted ms", "share of the fast step",
+                   "most frequent"], rows)
+
+
 def _targets(preds: List[StepPrediction]) -> List[str]:
     """The issues' targets for the prediction, each with the predicted figure (only those
     this run's networks and rows allow)."""
@@ -365,6 +386,10 @@ def write_roofline(run: RooflineRun, out_dir: str) -> Dict[str, str]:
             lines += ["## Memory-bound classes of the fast networks, by predicted share (what to fuse next)", ""]
             lines += _table(["class", "mean share", "min", "max"],
                             [[c, f"{m:.1%}", f"{lo:.1%}", f"{hi:.1%}"] for c, m, lo, hi in nxt]) + [""]
+    if any(p.trace.impl == "fast" for p in preds):
+        lines += ["## Launch-bound kernels of the fast step (prediction)", "",
+                  "Kernels that move under 64 KiB cost their launch (the model's 4 us each), whatever they do.",
+                  ""] + _tiny_kernels(preds) + [""]
     if run.op_rows:
         lines += ["## Fused ops at the ops suite's headline shapes (prediction)", ""] + _ops_table(run) + [""]
     if run.calibration:

@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -299,7 +299,16 @@ class LiveStorages:
     torch.utils.checkpoint regions, behind saved-tensor hooks, in a recomputation during
     backward. On fake tensors a storage has its real size and no memory. Each storage gets
     a serial number (an address can be reused once its storage is gone).
+
+    Checking every live storage before every op is quadratic in the network's depth, so
+    each sweep checks the storages born in the last ``YOUNG`` ops (temporaries die young)
+    and those the previous op read (autograd frees a node's saved tensors right after the
+    node's backward, whose ops read them); a full sweep every ``FULL_EVERY`` ops catches
+    the rest, late by at most that many ops.
     """
+
+    YOUNG = 64
+    FULL_EVERY = 256
 
     def __init__(self) -> None:
         from torch.multiprocessing.reductions import StorageWeakRef
@@ -311,6 +320,10 @@ class LiveStorages:
         self._known: Set[int] = set()
         self._keep: List[Any] = []
         self._serial = 0
+        self._young: List[int] = []  # addresses born in the last YOUNG ops (with repeats)
+        self._born: List[int] = []  # how many addresses each of those ops added
+        self._suspects: List[int] = []
+        self._ops = 0
 
     def ignore(self, tensors: Sequence[torch.Tensor]) -> None:
         """Storages that exist before the traced code (parameters, buffers, optimizer
@@ -320,13 +333,29 @@ class LiveStorages:
             self._known.add(ref.cdata)
             self._keep.append(ref)  # the address stays this storage's while the reference lives
 
+    def _drop(self, keys: Iterable[int]) -> None:
+        for k in keys:
+            entry = self.live.get(k)
+            if entry is not None and entry[0].expired():
+                del self.live[k]
+                self.events.append((entry[2], -entry[1]))
+
     def sweep(self) -> None:
-        dead = [k for k, (ref, _, _) in self.live.items() if ref.expired()]
-        for k in dead:
-            _, n, serial = self.live.pop(k)
-            self.events.append((serial, -n))
+        """Record the deaths of every storage that died (all of them checked)."""
+        self._drop(list(self.live))
+
+    def step(self, inputs: Sequence[torch.Tensor]) -> None:
+        """Before an op: record the deaths among the likely dead (see the class docstring);
+        ``inputs``: the tensors the coming op reads (suspects for the next step)."""
+        self._ops += 1
+        if self._ops % self.FULL_EVERY == 0:
+            self.sweep()
+        else:
+            self._drop(set(self._young) | set(self._suspects))
+        self._suspects = [self._ref(t.untyped_storage()).cdata for t in inputs]
 
     def add(self, tensors: Sequence[torch.Tensor]) -> None:
+        born = 0
         for t in tensors:
             st = t.untyped_storage()
             ref = self._ref(st)
@@ -335,6 +364,11 @@ class LiveStorages:
                 self._serial += 1
                 self.live[ref.cdata] = (ref, n, self._serial)
                 self.events.append((self._serial, n))
+                self._young.append(ref.cdata)
+                born += 1
+        self._born.append(born)
+        if len(self._born) > self.YOUNG:
+            del self._young[: self._born.pop(0)]
 
     def serial(self, t: torch.Tensor) -> Optional[int]:
         """The serial number of ``t``'s storage if the traced code created it and it lives."""
@@ -386,7 +420,7 @@ class Tracer(TorchDispatchMode):
                            kwargs: Optional[Dict[str, Any]] = None) -> Any:
         kwargs = kwargs or {}
         if self.memory is not None:
-            self.memory.sweep()
+            self.memory.step(_tensors((args, kwargs)))
         out = func(*args, **kwargs)
         if self.memory is not None:
             self.memory.add(_tensors(out))

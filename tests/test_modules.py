@@ -72,33 +72,62 @@ def test_attention_module_parity(backend, train, channels_last):
             torch.testing.assert_close(b_fast, b_ref, msg=lambda m, n=n: f"{n}: {m}")
 
 
+def _grads_with(module, x, g):
+    x = x.clone().requires_grad_(True)
+    out = module(x)
+    out.backward(g.to(out.dtype))
+    return [out.detach(), x.grad] + [p.grad.clone() for p in module.parameters()]
+
+
 @pytest.mark.parametrize("backend", CPU_FUSED)
 @pytest.mark.parametrize("train", [True, False])
 def test_model_parity_attention56_cifar(backend, train):
-    """The whole fast network against the reference over three SGD steps: outputs, every
-    gradient, the running statistics and num_batches_tracked."""
+    """The whole fast network against the reference, in float64 (where both are exact to
+    ~1e-12, so any wiring error shows) over three SGD steps: outputs, every gradient, the
+    running statistics and num_batches_tracked."""
     require_backend(backend)
-    ref = resattn_fast.create_model("attention56_cifar", impl="reference").train(train)
-    fast = resattn_fast.create_model("attention56_cifar", impl="fast", backend=backend).train(train)
+    ref = resattn_fast.create_model("attention56_cifar", impl="reference").train(train).double()
+    fast = resattn_fast.create_model("attention56_cifar", impl="fast", backend=backend).train(train).double()
     fast.load_state_dict(ref.state_dict())
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
     opt_fast = torch.optim.SGD(fast.parameters(), lr=0.05, momentum=0.9)
+    names = ["output", "grad_x"] + [n for n, _ in ref.named_parameters()]
     for step in range(3):
-        x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(step))
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randn(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+        g = torch.randn(2, 10, generator=gen, dtype=torch.float64)
         opt_ref.zero_grad(set_to_none=True)
         opt_fast.zero_grad(set_to_none=True)
-        o_ref, gx_ref, gp_ref = _grads(ref, x)
-        o_fast, gx_fast, gp_fast = _grads(fast, x)
-        tag = f"step {step}"
-        torch.testing.assert_close(o_fast, o_ref, atol=2e-4, rtol=2e-4, msg=lambda m, t=tag: f"{t} output: {m}")
-        torch.testing.assert_close(gx_fast, gx_ref, atol=2e-4, rtol=2e-4, msg=lambda m, t=tag: f"{t} grad_x: {m}")
-        for n in gp_ref:
-            torch.testing.assert_close(gp_fast[n], gp_ref[n], atol=5e-4, rtol=5e-4,
-                                       msg=lambda m, n=n, t=tag: f"{t} {n}: {m}")
-        opt_ref.step()
-        opt_fast.step()
+        for n, a, b in zip(names, _grads_with(fast, x, g), _grads_with(ref, x, g)):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=lambda m, n=n, s=step: f"step {s} {n}: {m}")
+        if train:  # (in eval, untrained running statistics make the steps diverge)
+            opt_ref.step()
+            opt_fast.step()
     for (n, b_ref), b_fast in zip(ref.named_buffers(), fast.buffers()):
-        torch.testing.assert_close(b_fast, b_ref, atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+        torch.testing.assert_close(b_fast, b_ref, atol=1e-9, rtol=1e-9, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_model_float32_error_like_reference(backend):
+    """In float32 a training step through ~60 batch norms on tiny batches is ill-conditioned
+    (the reference itself is off by ~1% of grad_x against float64): the fast network's
+    worst relative error over the output and every gradient must stay within 3x the
+    reference's own."""
+    require_backend(backend)
+    ref = resattn_fast.create_model("attention56_cifar", impl="reference").train()
+    fast = resattn_fast.create_model("attention56_cifar", impl="fast", backend=backend).train()
+    fast.load_state_dict(ref.state_dict())
+    r64 = copy.deepcopy(ref).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, generator=gen)
+    g = torch.randn(2, 10, generator=gen)
+    want = _grads_with(r64, x.double(), g)
+
+    def worst(got):
+        return max(((a.double() - w).abs().max() / w.abs().max().clamp_min(1e-30)).item() for a, w in zip(got, want))
+
+    err_fast, err_ref = worst(_grads_with(fast, x, g)), worst(_grads_with(ref, x, g))
+    assert err_fast <= 3 * err_ref + 1e-6, f"fast {err_fast:.3g} vs reference float32 {err_ref:.3g}"
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)
@@ -150,8 +179,8 @@ def test_fast_unit_runs_fused_bn_relu_only(monkeypatch, backend):
     calls.clear()
     m = fast_nn.AttentionModule(8, 1, backend=backend)
     m(torch.randn(2, 8, 6, 6))
-    # 3 per unit: p + t + 2r (lowest level) + p = 5 units, and the mask head's 2 pairs.
-    assert len(calls) == 5 * 3 + 2
+    # 3 per unit: p + t + 2r (lowest level) + p = 6 units, and the mask head's 2 pairs.
+    assert len(calls) == 6 * 3 + 2
 
 
 def test_sync_batchnorm_convert_keeps_working():

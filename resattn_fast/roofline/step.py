@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -82,34 +82,6 @@ def _set_checkpointing(model: torch.nn.Module, mode: str) -> None:
     if mode == "selective" and getattr(model, "checkpoint_mode", None) != "selective":
         raise ValueError("this resattn_fast has no selective checkpointing: set_grad_checkpointing('selective') "
                          "is not one of its modes")
-
-
-@contextlib.contextmanager
-def _fake_safe_recompute_keys() -> Iterator[None]:
-    """Selective checkpointing (resattn_fast.ops._recompute) finds a saved BN-ReLU output by
-    its storage's data pointer, which fake tensors do not have (every one reads 0, so
-    tensors of equal shape would be mistaken for each other); while tracing, key by the
-    storage itself instead (unique while it lives, as a data pointer is)."""
-    try:
-        from resattn_fast.ops import _recompute
-    except ImportError:  # a version without selective checkpointing
-        yield
-        return
-    original = getattr(_recompute, "_key", None)
-    if original is None:
-        yield
-        return
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    def key(t: torch.Tensor) -> Tuple[Any, ...]:
-        return (StorageWeakRef(t.untyped_storage()).cdata, t.storage_offset(), tuple(t.shape), t.stride(),
-                t.dtype, t.device)
-
-    _recompute._key = key
-    try:
-        yield
-    finally:
-        _recompute._key = original
 
 
 def _to_channels_last(model: torch.nn.Module) -> None:
@@ -195,7 +167,7 @@ def trace_step(net: str, impl: str, batch: int, *, amp: bool = True, channels_la
             tracer.phase = "optimizer"
             opt.step()
 
-        with tracer, _fake_safe_recompute_keys():
+        with tracer:
             step()
         records = tracer.records
         ops_seen = dict(tracer.ops_seen)

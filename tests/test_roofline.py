@@ -523,17 +523,19 @@ def test_calibration_writes_measured_over_predicted(tmp_path: str) -> None:
     assert bench_run.main(["--suite", "roofline", "--gpu", "H100", "--measured", measured, "--out", out]) == 0
     every = _read(os.path.join(out, "results.csv"))
     rows = [r for r in every if r["metric"] == "measured_over_predicted"]
-    # The compiled row and the checkpointed largest batch are not modelled: left out.
+    # The compiled row is not modelled: left out; the checkpointed largest batch is (full).
     assert sorted((r["name"], r["impl"], r["mode"], r["shape"]) for r in rows) == [
         ("attention56_cifar", "fast", "train", "4x3x32x32"), ("attention56_cifar", "reference", "train", "Nx3x32x32"),
-        ("attention_residual", "fused", "bwd", "2x8x6x6")]
+        ("attention56_cifar", "reference", "train+ckpt", "Nx3x32x32"), ("attention_residual", "fused", "bwd", "2x8x6x6")]
     for r in rows:
         what = "max_batch" if r["shape"].startswith("N") else "ms"
-        pred = next(float(p["median"]) for p in every
-                    if p["metric"] == f"predicted_{what}" and p["name"] == r["name"] and p["shape"] == r["shape"])
-        meas = next(float(p["median"]) for p in every
-                    if p["metric"] == f"measured_{what}" and p["name"] == r["name"] and p["shape"] == r["shape"])
-        assert meas in (9.0, 0.02, 5000.0) and pred > 0
+        pred = next(float(p["median"]) for p in every if p["metric"] == f"predicted_{what}"
+                    and p["name"] == r["name"] and p["shape"] == r["shape"] and p["mode"] == r["mode"])
+        meas = next(float(p["median"]) for p in every if p["metric"] == f"measured_{what}"
+                    and p["name"] == r["name"] and p["shape"] == r["shape"] and p["mode"] == r["mode"])
+        assert meas in (9.0, 0.02, 5000.0, 9000.0) and pred > 0
+    largest = {p["mode"]: float(p["median"]) for p in every if p["metric"] == "predicted_max_batch"}
+    assert largest["train+ckpt"] > largest["train"]
         assert float(r["median"]) == pytest.approx(meas / pred, rel=1e-4)
     assert "measured / predicted" in open(os.path.join(out, "report.md")).read()
 

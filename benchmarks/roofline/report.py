@@ -240,8 +240,8 @@ def _calibration_lines(run: RooflineRun) -> List[str]:
     cal = run.calibration
     out: List[str] = []
     for kind, title in (("step", "Network training steps (models suite, plain SGD as it runs)"),
-                        ("max_batch", "Largest training batch that fits (models suite's search, without "
-                                      "checkpointing)"),
+                        ("max_batch", "Largest training batch that fits (models suite's search; mode "
+                                      "train+ckpt: full checkpointing)"),
                         ("op", "Fused ops and their eager expressions (ops suite)")):
         rows = [c for c in cal if c["kind"] == kind]
         if not rows:

@@ -227,7 +227,7 @@ def _measured_cases(rows: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], L
             continue
         if not (v > 0 and math.isfinite(v)) or r["metric"] not in ("time", "max_batch"):
             continue
-        if (r["suite"] == "models" and r["mode"] == "train" and r["impl"] in ("reference", "fast")
+        if (r["suite"] == "models" and r["mode"] in _MEASURED_MODES and r["impl"] in ("reference", "fast")
                 and r["name"] in nets and r["dtype"] in ("amp_bfloat16", "float32")
                 and (_NET_SHAPE.match(r["shape"]) if r["metric"] == "time" else _MAX_BATCH_SHAPE.match(r["shape"]))):
             models.append(r)
@@ -235,6 +235,10 @@ def _measured_cases(rows: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], L
               and r["mode"] in MODES and r["dtype"] in ("bfloat16", "float32", "float16")):
             ops.append(r)
     return models, ops
+
+
+# The models suite's training modes and the checkpointing each one runs.
+_MEASURED_MODES = {"train": "none", "train+ckpt": "full", "train+full": "full", "train+selective": "selective"}
 
 
 def _calibrate(run: RooflineRun, path: str, out_dir: str, log: Callable[[str], None]) -> None:
@@ -256,18 +260,25 @@ def _calibrate(run: RooflineRun, path: str, out_dir: str, log: Callable[[str], N
         run.res.notes.append(f"Tensor.copy_ bandwidth measured in that run: {min(copies):.0f} to {max(copies):.0f} GB/s "
                              f"(model: {run.gpu.bandwidth_gbs:g} GB/s); rerun with --bandwidth "
                              f"{max(copies):.0f} to model with it")
-    cache: Dict[Tuple[str, str, int, bool, bool], StepPrediction] = {}
+    cache: Dict[Tuple[str, str, int, bool, bool, str], StepPrediction] = {}
     for r in models:
         m = _NET_SHAPE.match(r["shape"])
         batch = int(m.group(1)) if m else _MAX_BATCH_TRACE
         amp, cl = r["dtype"] == "amp_bfloat16", r["layout"] == "channels_last"
-        k = (r["name"], r["impl"], batch, amp, cl)
+        ckpt = _MEASURED_MODES[r["mode"]]
+        k = (r["name"], r["impl"], batch, amp, cl, ckpt)
         if k not in cache:
             t0 = time.perf_counter()
-            tr = trace_step(r["name"], r["impl"], batch, amp=amp, channels_last=cl, optimizer="sgd")
+            try:
+                tr = trace_step(r["name"], r["impl"], batch, amp=amp, channels_last=cl, optimizer="sgd",
+                                checkpointing=ckpt)
+            except ValueError as exc:  # a mode this model or version does not have
+                log(f"  {r['name']} {r['impl']} {r['mode']}: not modelled ({exc})")
+                continue
             cache[k] = predict_step(tr, run.gpu)
-            run.trace_s[f"{r['name']} {r['impl']}"] = time.perf_counter() - t0
-            log(f"  {r['name']} {r['impl']} batch {batch}: traced, predicted {cache[k].step_ms:.1f} ms/step")
+            run.trace_s[f"{r['name']} {r['impl']} {r['mode']}"] = time.perf_counter() - t0
+            log(f"  {r['name']} {r['impl']} {r['mode']} batch {batch}: traced, predicted "
+                f"{cache[k].step_ms:.1f} ms/step")
         if r["metric"] == "max_batch":
             _calib_row(run, r, float(cache[k].max_batch), "max_batch")
         else:

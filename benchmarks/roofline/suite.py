@@ -177,14 +177,17 @@ def _ops_rows(run: RooflineRun, log: Callable[[str], None]) -> None:
     _, op_dtype = _dtype_names(run.dtype)
     dtype = torch.bfloat16 if run.dtype == "bf16" else torch.float32
     layout = "channels_last" if run.channels_last else "nchw"
-    for case in _headline_op_cases(run.batch):
-        shapes, out_hw = _op_shapes(case)
+    # the headline shape of the BN-ReLU op: a 256-channel 56x56 stage at the batch
+    bn_shape = (run.batch, 256, 56, 56)
+    cases = [(c.op, c.shape) + _op_shapes(c) for c in _headline_op_cases(run.batch)]
+    cases.append(("batch_norm_relu", "x".join(map(str, bn_shape)), [bn_shape], None))
+    for op, shape, shapes, out_hw in cases:
         for impl in ("eager", "fused"):
-            preds = _predict_op(case.op, impl, shapes, out_hw, dtype, run.channels_last, run.gpu)
+            preds = _predict_op(op, impl, shapes, out_hw, dtype, run.channels_last, run.gpu)
             for mode in MODES:
                 p = preds[mode]
-                key = dict(suite="roofline", name=case.op, impl=impl,
-                           backend="model", mode=mode, dtype=op_dtype, layout=layout, shape=case.shape)
+                key = dict(suite="roofline", name=op, impl=impl,
+                           backend="model", mode=mode, dtype=op_dtype, layout=layout, shape=shape)
                 _add(run.res, key, "bytes", "bytes", p["bytes"])
                 _add(run.res, key, "kernels", "count", p["launches"])
                 _add(run.res, key, "predicted_ms", "ms", p["ms"])

@@ -198,16 +198,23 @@ class OpTrace:
 
 def trace_op(op: str, impl: str, shapes: Sequence[Tuple[int, ...]], out_hw: Optional[Tuple[int, int]],
              dtype: torch.dtype, channels_last: bool) -> OpTrace:
-    """Trace ``op`` ("upsample_bilinear_add" or "attention_residual") on inputs of
-    ``shapes`` (upsample: x[, skip]; attention: mask_logits, trunk) in ``dtype``. Forward
-    alone runs without autograd (as the ops suite's "fwd" rows), the backward is
-    ``torch.autograd.grad`` of every input."""
+    """Trace ``op`` ("upsample_bilinear_add", "attention_residual" or "batch_norm_relu") on
+    inputs of ``shapes`` (upsample: x[, skip]; attention: mask_logits, trunk; BN-ReLU: x, in
+    training, with float32 weight, bias and running statistics) in ``dtype``. Forward alone
+    runs without autograd (as the ops suite's "fwd" rows), the backward is
+    ``torch.autograd.grad`` of every input (and of the BN-ReLU's weight and bias)."""
     import resattn_fast.ops as fused
     from resattn_fast.reference import ops as ref
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    params: List[torch.Tensor] = []
+    stats: List[torch.Tensor] = []
 
     def fn(*xs: torch.Tensor) -> torch.Tensor:
+        if op == "batch_norm_relu":
+            f = fused.batch_norm_relu if impl == "fused" else ref.batch_norm_relu
+            kw = {"backend": "cpu"} if impl == "fused" else {}
+            return f(xs[0], stats[0], stats[1], params[0], params[1], True, 0.1, 1e-5, **kw)  # type: ignore[return-value]
         if op == "upsample_bilinear_add":
             skip = xs[1] if len(xs) > 1 else None
             if impl == "fused":
@@ -220,6 +227,10 @@ def trace_op(op: str, impl: str, shapes: Sequence[Tuple[int, ...]], out_hw: Opti
     out: Dict[str, List[KernelRecord]] = {}
     with FakeTensorMode():
         xs = [torch.randn(*s, dtype=dtype).contiguous(memory_format=fmt).requires_grad_() for s in shapes]
+        if op == "batch_norm_relu":
+            c = shapes[0][1]
+            params += [torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)]
+            stats += [torch.zeros(c), torch.ones(c)]
         tracer = Tracer()
         with tracer, torch.no_grad():
             y = fn(*xs)
@@ -229,12 +240,12 @@ def trace_op(op: str, impl: str, shapes: Sequence[Tuple[int, ...]], out_hw: Opti
         tracer = Tracer()
         tracer.phase = "backward"
         with tracer:
-            torch.autograd.grad(y, xs, g)
+            torch.autograd.grad(y, xs + params, g)
         out["bwd"] = tracer.records
         tracer = Tracer()
         with tracer:
             y = fn(*xs)
             tracer.phase = "backward"
-            torch.autograd.grad(y, xs, g)
+            torch.autograd.grad(y, xs + params, g)
         out["fwd+bwd"] = tracer.records
     return OpTrace(op=op, impl=impl, records=out)

@@ -395,7 +395,9 @@ def write_roofline(run: RooflineRun, out_dir: str) -> Dict[str, str]:
                       "backward trace by itself. Activations kept: alive when the forward pass ends; step peak: "
                       "the most alive at once until the backward pass ends (recomputation included); both "
                       "followed storage by storage, inside checkpointed regions too, with the input batch, "
-                      "without parameters, gradients and optimizer state.", ""] + _modes_table(preds) + [""]
+                      "without parameters, gradients and optimizer state. `resattn plan --model NAME --gpu "
+                      "H100|H200|A100` gives, from the same model, the largest batch of each mode and the "
+                      "images/s predicted there.", ""] + _modes_table(preds) + [""]
         lines += ["## Where the step goes (share of predicted time, prediction)", ""] + _share_table(preds) + [""]
         nxt = fuse_next(preds)
         if nxt:

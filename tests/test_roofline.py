@@ -548,6 +548,7 @@ def test_calibration_writes_measured_over_predicted(tmp_path: str) -> None:
     ([], "needs --gpu"),
     (["--gpu", "H100", "--dtype", "fp8"], "--dtype"),
     (["--gpu", "H100", "--bandwidth", "0"], "--bandwidth"),
+    (["--gpu", "H100", "--inductor-check", "resnet50"], "--inductor-check: unknown network"),
 ])
 def test_bad_roofline_input_is_one_line_and_exit_2(tmp_path: str, capsys: pytest.CaptureFixture,
                                                    argv: List[str], message: str) -> None:

@@ -141,6 +141,52 @@ def _tiny_kernels(preds: List[StepPrediction]) -> List[str]:
                    "most frequent"], rows)
 
 
+def _inductor_lines(run: RooflineRun) -> List[str]:
+    """The inductor cross-check (inductor_check.py): its kernels beside the ideal fusion's at
+    batch 2, and the compiled row of that network re-priced with them."""
+    chk = run.inductor_check or {}
+    net, batch = chk.get("net"), chk.get("batch")
+    out = [f"`--inductor-check {net}`: the reference step of {net} (batch {batch}, this run's dtype and layout) "
+           "compiled through AOTAutograd and lowered and scheduled by inductor with the Triton backend's "
+           "fusion rules, stopping before code generation (inductor_check.py), beside fusion.py's ideal "
+           "fusion of the same step. Generated kernels only (convolutions, matrix products and fallbacks "
+           "left out on both sides); bytes: inductor's own count per kernel.", ""]
+    if chk.get("error"):
+        return out + [f"Inductor failed here: {chk['error']}", ""]
+    ind, ideal = chk["inductor"], chk["ideal"]  # type: ignore[index]
+    rows = []
+    for phase in ("forward", "backward"):
+        i, d = ind[phase], ideal[phase]
+        rows.append([phase, f"{i['kernels']}", _fmt_bytes(i["bytes"]), f"{d['kernels']}", _fmt_bytes(d["bytes"]),
+                     f"{i['kernels'] / d['kernels']:.2f}x" if d["kernels"] else "-",
+                     f"{i['bytes'] / d['bytes']:.2f}x" if d["bytes"] else "-"])
+    out += _table(["phase", "inductor kernels", "inductor bytes", "ideal kernels", "ideal bytes",
+                   "kernels inductor / ideal", "bytes inductor / ideal"], rows) + [""]
+    fallbacks = {k: v for p in ("forward", "backward") for k, v in ind[p]["extern"].items()
+                 if "convolution" not in k and "mm" not in k and k != "MultiOutput"}
+    if fallbacks:
+        out += ["Other external kernels inductor kept: " + ", ".join(f"{k} x{v}" for k, v in fallbacks.items()), ""]
+    by = _pairs(run.predictions).get(str(net), {})
+    comp, fast = by.get("reference+compile"), by.get("fast")
+    if comp is not None and fast is not None:
+        from resattn_fast.roofline.trace import COMPILED
+
+        extra_ms = 0.0
+        for phase in ("forward", "backward"):
+            i, d = ind[phase], ideal[phase]
+            fused = sum(r.bytes for r in comp.trace.records if r.phase == phase and r.cls == COMPILED)
+            extra_ms += 1e3 * (i["kernels"] - d["kernels"]) * run.gpu.launch_s
+            if d["bytes"]:
+                extra_ms += 1e3 * (i["bytes"] / d["bytes"] - 1.0) * fused / run.gpu.bandwidth
+        adjusted = comp.step_ms + extra_ms
+        out += [f"Re-priced with inductor's kernel count and its bytes ratio of each phase, {net}'s compiled step "
+                f"at batch {comp.trace.batch} would be {adjusted:.1f} ms instead of {comp.step_ms:.1f} ms: "
+                f"compiled / fast = {adjusted / fast.step_ms:.2f} (ideal: {comp.step_ms / fast.step_ms:.2f}). "
+                "An estimate: inductor's fusion at batch 2 can differ from batch 64's (persistent reductions "
+                "at small sizes).", ""]
+    return out
+
+
 def _targets(preds: List[StepPrediction]) -> List[str]:
     """The issues' targets for the prediction, each with the predicted figure (only those
     this run's networks and rows allow)."""
@@ -404,6 +450,8 @@ def write_roofline(run: RooflineRun, out_dir: str) -> Dict[str, str]:
             lines += ["## Memory-bound classes of the fast networks, by predicted share (what to fuse next)", ""]
             lines += _table(["class", "mean share", "min", "max"],
                             [[c, f"{m:.1%}", f"{lo:.1%}", f"{hi:.1%}"] for c, m, lo, hi in nxt]) + [""]
+    if run.inductor_check:
+        lines += ["## The compiled row against inductor's own scheduler (cross-check)", ""] + _inductor_lines(run)
     if any(p.trace.impl == "fast" for p in preds):
         lines += ["## Launch-bound kernels of the fast step (prediction)", "",
                   "Kernels that move under 64 KiB cost their launch (the model's 4 us each), whatever they do.",

@@ -57,6 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DRAM bandwidth to use instead of the datasheet's (e.g. measured copy bandwidth)")
     g.add_argument("--matmul-tflops", type=float, default=None, metavar="TFLOPS",
                    help="matrix rate to use instead of the datasheet's, for every convolution and product")
+    g.add_argument("--inductor-check", default=None, metavar="NET",
+                   help="also compile NET's reference step with inductor (Triton's fusion rules, no code "
+                        "generation, batch 2 on this CPU) and set its kernels beside the ideal fusion's "
+                        "(a few minutes)")
     g.add_argument("--launch-us", type=float, default=None, metavar="US",
                    help="per-kernel launch overhead in microseconds (default 4)")
 
@@ -73,6 +77,7 @@ class RooflineRun:
     predictions: List[StepPrediction] = field(default_factory=list)
     op_rows: List[Dict[str, object]] = field(default_factory=list)
     calibration: List[Dict[str, object]] = field(default_factory=list)
+    inductor_check: Optional[Dict[str, object]] = None
     trace_s: Dict[str, float] = field(default_factory=dict)
     measured_path: Optional[str] = None
 
@@ -357,6 +362,9 @@ def run_roofline(args: argparse.Namespace, command: str, log: Callable[[str], No
         if bad or not nets:
             raise RooflineUsageError(f"--nets: unknown value(s) {bad or [args.nets]}; choose from "
                                      f"{', '.join(list_models())}")
+    if args.inductor_check and args.inductor_check not in list_models():
+        raise RooflineUsageError(f"--inductor-check: unknown network {args.inductor_check!r}; choose from "
+                                 f"{', '.join(list_models())}")
     res = Results(device=torch.device("cpu"), threads=torch.get_num_threads(), command=command, quick=False)
     res.info = machine_info(torch.device("cpu"), res.threads)
     res.info["traced_on"] = res.info["device"]
@@ -397,6 +405,11 @@ def run_roofline(args: argparse.Namespace, command: str, log: Callable[[str], No
                            dtype=models_dtype, layout=layout, shape=shape)
                 _step_rows(res, pred, key)
         _ops_rows(run, log)
+        if args.inductor_check:
+            from .inductor_check import cross_check
+
+            run.inductor_check = cross_check(args.inductor_check, 2, amp=dtype == "bf16",
+                                             channels_last=run.channels_last, log=log)
     res.suites_s["roofline"] = time.perf_counter() - t_start
     paths = write_roofline(run, args.out)
     log("wrote " + ", ".join(sorted(paths.values())))

@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .common import Results, shape_str
+from .common import Results, check_backend_ran, shape_str
 from .timing import Deadline, L2Flusher, Stats, measure, measure_interleaved, saved_tensor_bytes
 
 __all__ = ["OpCase", "OpsPlan", "op_cases", "run_ops", "HEADLINE_WHERE"]
@@ -341,7 +341,10 @@ def _run_case(case: OpCase, impls: List[Tuple[str, str]], dtype: torch.dtype, la
             # First calls (torch.compile compiles its inference and training graphs here)
             # stay out of the timings.
             with torch.no_grad():
-                fn(*xs_ng)
+                if impl == "fused":  # the row names the backend that ran, or is not measured
+                    check_backend_ran(backend, fn, *xs_ng)
+                else:
+                    fn(*xs_ng)
             torch.autograd.grad(fn(*xs), xs, grad_out)
             fns[(impl, backend)] = fn
         except Exception as exc:  # one failing implementation must not end the run

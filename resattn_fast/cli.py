@@ -34,7 +34,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"triton       missing: {why}")
     if info["loaded"]:
         print("extension    resattn_fast._C loaded")
-        print(f"  cpu kernels   {'yes' if info['cpu_kernels'] else 'no'}")
+        isa = f" ({info['cpu_isa']} kernel table)" if info.get("cpu_isa") else ""
+        print(f"  cpu kernels   {'yes' + isa if info['cpu_kernels'] else 'no'}")
         if info["cuda_kernels"]:
             print(f"  cuda kernels  yes (CUDA {info['cuda_version']}, archs {info['cuda_archs']})")
         else:

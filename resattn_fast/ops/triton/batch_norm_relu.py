@@ -40,6 +40,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from ..._format import memory_format_of
@@ -63,13 +64,27 @@ _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # (BLOCK, num_warps). Elementwise passes: memory bound, autotuned per size class.
 _APPLY_CONFIGS = configs([(1024, 4), (2048, 8), (4096, 8)], interpreted_block=4096)
+
+
+def _prune_fp64(configs: Any, nargs: Any, **kwargs: Any) -> Any:
+    """The apply configs a launch may tune over: float64 at most 2048 elements per block
+    (the 4096-element block needs more registers than ptxas gives it: spills)."""
+    if kwargs.get("IS_FP64"):
+        return [c for c in configs if c.kwargs.get("BLOCK", 0) <= 2048] or configs[:1]
+    return configs
+
+
 # Reductions: one config each (see the module docstring). channels_last tiles are
 # (BLOCK // _BLOCK_C rows) x (_BLOCK_C channels).
 _REDUCE_CONFIGS = configs([(2048, 8)], interpreted_block=256)
-# Per-channel kernels (C values, a few loads each).
-_CHANNEL_CONFIGS = configs([(256, 4)], interpreted_block=256)
+# Per-channel kernels (C values, a few loads each): one channel per thread (float64
+# divisions are subroutine calls; with two channels per thread their saved registers
+# spill on sm_90).
+_CHANNEL_CONFIGS = configs([(128, 4)], interpreted_block=256)
 
-_BLOCK_C: tl.constexpr = 32
+# Channels per channels_last reduction tile (the kernels' _BLOCK_C).
+_CHANNEL_TILE = 32
+_BLOCK_C = tl.constexpr(_CHANNEL_TILE)
 # Stage 1 splits each channel's M = N*H*W elements into chunks so that about this many
 # programs run (more chunks: more parallelism and a larger stage 2).
 _TARGET_PROGRAMS = 1024
@@ -120,14 +135,45 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b, IS_FP64: tl.constexpr):
 
 
 @triton.jit
-def _channel_of(offs, C, HW, CHANNELS_LAST: tl.constexpr):
-    """The channel of flat offsets into a dense (N, C, H, W) tensor, NCHW or NHWC order
-    (one division each: the remainder by multiply-subtract)."""
-    if CHANNELS_LAST:
-        return offs - (offs // C) * C
+def _divmod(a, d, INT64: tl.constexpr):
+    """(a // d, a % d) of a scalar 0 <= a (int64 when INT64, < 2**53) by 0 < d < 2**31.
+
+    32-bit: the division. 64-bit: without a 64-bit integer division, which is a
+    subroutine call on NVIDIA GPUs whose saved registers count as spills (Triton 3.8 on
+    sm_80): a float estimate of the quotient from an approximate float32 reciprocal,
+    refined twice with the exact int64 remainder (each step multiplies the error by about
+    2**-21), then corrected by one either way."""
+    if INT64:
+        dd = tl.cast(d, tl.int64)
+        inv = 1.0 / tl.cast(d, tl.float32).to(tl.float64)
+        q = (a.to(tl.float64) * inv).to(tl.int64)
+        q += ((a - q * dd).to(tl.float64) * inv).to(tl.int64)
+        q += ((a - q * dd).to(tl.float64) * inv).to(tl.int64)
+        r = a - q * dd
+        q = tl.where(r < 0, q - 1, tl.where(r >= dd, q + 1, q))
+        return q, a - q * dd
     else:
-        plane = offs // HW
-        return plane - (plane // C) * C
+        q = a // d
+        return q, a - q * d
+
+
+@triton.jit
+def _block_channels(base, C, HW, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """The channel of each of the BLOCK flat offsets ``base + arange(BLOCK)`` into a dense
+    (N, C, H, W) tensor in NCHW or NHWC order.
+
+    ``base`` (64-bit with INT64) is split once per program; the per-element divisions are
+    32-bit: within a block the plane index moves by at most BLOCK / HW + 1 (H*W < 2**31 -
+    BLOCK, checked on the host)."""
+    local = tl.arange(0, BLOCK)
+    if CHANNELS_LAST:
+        _q, c0 = _divmod(base, C, INT64)
+        return (c0.to(tl.int32) + local) % C
+    else:
+        q0, r0 = _divmod(base, HW, INT64)
+        _q, c0 = _divmod(q0, C, INT64)
+        return (c0.to(tl.int32) + (r0.to(tl.int32) + local) // HW) % C
 
 
 @triton.jit
@@ -141,6 +187,23 @@ def _chunk(M, CHUNK, INT64: tl.constexpr):
         pid_s = pid_s.to(tl.int64)
     m0 = pid_s * CHUNK
     return pid_c, pid_s, m0, m0 + tl.minimum(CHUNK, M - m0)
+
+
+@triton.jit
+def _split(m, HW, INT64: tl.constexpr):
+    """(n, p) = (m // HW, m % HW) of a scalar element index of one NCHW channel: n of m's
+    type, p 32-bit. The reduction loops then step p by BLOCK and carry into n, so each
+    element costs one 32-bit division (H*W < 2**31 - BLOCK, checked on the host)."""
+    n, p = _divmod(m, HW, INT64)
+    return n, p.to(tl.int32)
+
+
+@triton.jit
+def _advance(n, p, HW, STEP: tl.constexpr):
+    """(n, p) of the element STEP further on (p + STEP < 2**31)."""
+    p = p + STEP
+    q = p // HW
+    return n + q, p - q * HW
 
 
 # --------------------------------------------------------------------- forward kernels
@@ -188,18 +251,21 @@ def _bn_stats_kernel(
             chw = tl.cast(C, tl.int64) * HW
         else:
             chw = C * HW
+        n_cur, p_cur = _split(m0, HW, INT64)
         start = m0
         while start < m_end:
-            m = start + tl.arange(0, BLOCK)
-            mask = m < m_end
-            n = m // HW
-            v = acc(tl.load(base + n * chw + (m - n * HW), mask=mask, other=0.0), IS_FP64)
+            mask = start + tl.arange(0, BLOCK) < m_end
+            local = p_cur + tl.arange(0, BLOCK)
+            dn = local // HW
+            v = acc(tl.load(base + (n_cur + dn) * chw + (local - dn * HW), mask=mask, other=0.0),
+                    IS_FP64)
             n_b = zero + tl.cast(tl.minimum(m_end - start, BLOCK), zero.dtype)
             mean_b = _div(tl.sum(v, axis=0), n_b, IS_FP64)
             d = tl.where(mask, v - mean_b, 0.0)
             m2_b = tl.sum(d * d, axis=0)
             n_a, mean_a, m2_a = _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b, IS_FP64)
             start += BLOCK
+            n_cur, p_cur = _advance(n_cur, p_cur, HW, BLOCK)
         tl.store(pmean_ptr + pid_s * C + pid_c, mean_a)
         tl.store(pm2_ptr + pid_s * C + pid_c, m2_a)
 
@@ -254,7 +320,8 @@ def _bn_channel_kernel(
 
 
 # Autotuned once per size class (size_class(total), in the key; unused by the kernel).
-@triton.autotune(configs=_APPLY_CONFIGS, key=["size_cls", "CHANNELS_LAST", "INT64"])
+@triton.autotune(configs=_APPLY_CONFIGS, key=["size_cls", "CHANNELS_LAST", "INT64"],
+                 prune_configs_by={"early_config_prune": _prune_fp64})
 @triton.jit(do_not_specialize=["size_cls"])
 def _bn_relu_fwd_kernel(
     x_ptr, par_ptr, out_ptr, total, size_cls, C, HW,
@@ -266,9 +333,10 @@ def _bn_relu_fwd_kernel(
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    base = pid * BLOCK
+    offs = base + tl.arange(0, BLOCK)
     mask = offs < total
-    c = _channel_of(offs, C, HW, CHANNELS_LAST)
+    c = _block_channels(base, C, HW, CHANNELS_LAST, INT64, BLOCK)
     x = acc(tl.load(x_ptr + offs, mask=mask, other=0.0), IS_FP64)
     mean = acc(tl.load(par_ptr + c, mask=mask, other=0.0), IS_FP64)
     scale = acc(tl.load(par_ptr + C + c, mask=mask, other=0.0), IS_FP64)
@@ -332,18 +400,20 @@ def _bn_relu_bwd_reduce_kernel(
             chw = tl.cast(C, tl.int64) * HW
         else:
             chw = C * HW
+        n_cur, p_cur = _split(m0, HW, INT64)
         start = m0
         while start < m_end:
-            m = start + tl.arange(0, BLOCK)
-            mask = m < m_end
-            n = m // HW
-            off = n * chw + pid_c * HW + (m - n * HW)
+            mask = start + tl.arange(0, BLOCK) < m_end
+            local = p_cur + tl.arange(0, BLOCK)
+            dn = local // HW
+            off = (n_cur + dn) * chw + pid_c * HW + (local - dn * HW)
             g = acc(tl.load(g_ptr + off, mask=mask, other=0.0), IS_FP64)
             x = acc(tl.load(x_ptr + off, mask=mask, other=0.0), IS_FP64)
             dy, dyx = _bwd_terms(g, x, mean, scale, bias, invstd)
             s_dy += tl.sum(dy, axis=0)
             s_dyx += tl.sum(dyx, axis=0)
             start += BLOCK
+            n_cur, p_cur = _advance(n_cur, p_cur, HW, BLOCK)
         tl.store(pdy_ptr + pid_s * C + pid_c, s_dy)
         tl.store(pdyx_ptr + pid_s * C + pid_c, s_dyx)
 
@@ -376,7 +446,8 @@ def _bn_relu_bwd_channel_kernel(
 
 
 @triton.autotune(configs=_APPLY_CONFIGS,
-                 key=["size_cls", "CHANNELS_LAST", "TRAINING", "HAS_RES", "INT64"])
+                 key=["size_cls", "CHANNELS_LAST", "TRAINING", "HAS_RES", "INT64"],
+                 prune_configs_by={"early_config_prune": _prune_fp64})
 @triton.jit(do_not_specialize=["size_cls"])
 def _bn_relu_bwd_kernel(
     g_ptr, x_ptr, par_ptr, coef_ptr, res_ptr, gx_ptr, total, size_cls, C, HW,
@@ -388,9 +459,10 @@ def _bn_relu_bwd_kernel(
     pid = tl.program_id(0)
     if INT64:
         pid = pid.to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    base = pid * BLOCK
+    offs = base + tl.arange(0, BLOCK)
     mask = offs < total
-    c = _channel_of(offs, C, HW, CHANNELS_LAST)
+    c = _block_channels(base, C, HW, CHANNELS_LAST, INT64, BLOCK)
     g = acc(tl.load(g_ptr + offs, mask=mask, other=0.0), IS_FP64)
     x = acc(tl.load(x_ptr + offs, mask=mask, other=0.0), IS_FP64)
     mean = acc(tl.load(par_ptr + c, mask=mask, other=0.0), IS_FP64)
@@ -546,6 +618,17 @@ def _check_update(running_mean: torch.Tensor, running_var: torch.Tensor, mean: t
         raise RuntimeError(f"resattn_fast: count must be > 1 (values per channel), got {count}")
 
 
+# The kernels split flat offsets into (plane, offset in the plane) with 32-bit math inside
+# a block: one H*W plane plus the largest block must stay below 2**31.
+_MAX_PLANE = 2**31 - 1 - 2 * max(c.kwargs["BLOCK"] for c in _APPLY_CONFIGS + _REDUCE_CONFIGS)
+
+
+def _check_plane(x: torch.Tensor) -> None:
+    if x.shape[2] * x.shape[3] > _MAX_PLANE:
+        raise RuntimeError(f"resattn_fast: the Triton kernels need H*W <= {_MAX_PLANE}, got "
+                           f"x of shape {_sz(x)}")
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -582,16 +665,33 @@ def _chunks(C: int, M: int, channels_last: bool) -> Tuple[int, int]:
     (a multiple of the reduction BLOCK; the last one shorter). Depends on the shape only,
     so the reduction order, and the result, is the same on every run."""
     block = _REDUCE_CONFIGS[0].kwargs["BLOCK"]
-    step = block // _BLOCK_C if channels_last else block
-    c_programs = triton.cdiv(C, _BLOCK_C) if channels_last else C
+    step = block // _CHANNEL_TILE if channels_last else block
+    c_programs = triton.cdiv(C, _CHANNEL_TILE) if channels_last else C
     want = max(1, _TARGET_PROGRAMS // c_programs)
     s = min(want, triton.cdiv(M, step))
     chunk = triton.cdiv(triton.cdiv(M, s), step) * step
     return chunk, triton.cdiv(M, chunk)
 
 
+class _NoLaunch:
+    """A launcher that launches nothing (see _kernel)."""
+
+    def __getitem__(self, grid: Any) -> Any:
+        return lambda *args, **kwargs: None
+
+
+def _kernel(kernel: Any, like: torch.Tensor) -> Any:
+    """``wrap_triton(kernel)``, whose launches do nothing on fake tensors (opcheck and
+    torch.compile trace the op body on them); under TRITON_INTERPRET=1, where wrap_triton
+    hands back the bare interpreted kernel, a launcher that does nothing on them either."""
+    wrapped = wrap_triton(kernel)
+    if wrapped is kernel and is_fake(like):
+        return _NoLaunch()
+    return wrapped
+
+
 def _reduce_grid(C: int, S: int, channels_last: bool) -> Tuple[int, int]:
-    return (triton.cdiv(C, _BLOCK_C) if channels_last else C, S)
+    return (triton.cdiv(C, _CHANNEL_TILE) if channels_last else C, S)
 
 
 def _channel_grid(C: int) -> Any:
@@ -620,6 +720,7 @@ def batch_norm_relu_triton(x: torch.Tensor, weight: Optional[torch.Tensor],
     _check_forward(x, weight, bias, running_mean, running_var, training, eps)
     weight, bias = _vec(weight), _vec(bias)
     running_mean, running_var = _vec(running_mean), _vec(running_var)
+    _check_plane(x)
     N, C, H, W = x.shape
     accd = _acc_dtype(x.dtype)
     xd, fmt = _dense(x)
@@ -639,7 +740,7 @@ def batch_norm_relu_triton(x: torch.Tensor, weight: Optional[torch.Tensor],
             chunk, S = _chunks(C, M, cl)
             pmean = torch.empty((S, C), dtype=accd, device=x.device)
             pm2 = torch.empty((S, C), dtype=accd, device=x.device)
-            wrap_triton(_bn_stats_kernel)[_reduce_grid(C, S, cl)](
+            _kernel(_bn_stats_kernel, x)[_reduce_grid(C, S, cl)](
                 xd, pmean, pm2, C, HW, M, chunk,
                 CHANNELS_LAST=cl, IS_FP64=is_fp64, INT64=int64,
             )
@@ -648,7 +749,7 @@ def batch_norm_relu_triton(x: torch.Tensor, weight: Optional[torch.Tensor],
             chunk, S = 1, 1
             pmean = pm2 = par
             rm, rv = running_mean, running_var
-        wrap_triton(_bn_channel_kernel)[_channel_grid(C)](
+        _kernel(_bn_channel_kernel, x)[_channel_grid(C)](
             pmean, pm2, rm, rv,
             weight if weight is not None else par, bias if bias is not None else par,
             mean, var, par, C, M, S, chunk, float(eps), _bits(eps),
@@ -656,7 +757,7 @@ def batch_norm_relu_triton(x: torch.Tensor, weight: Optional[torch.Tensor],
             WRITE_STATS=True, IS_FP64=is_fp64,
         )
         if total:
-            wrap_triton(_bn_relu_fwd_kernel)[flat_grid(total)](
+            _kernel(_bn_relu_fwd_kernel, x)[flat_grid(total)](
                 xd, par, out, total, size_class(total), C, HW,
                 CHANNELS_LAST=cl, IS_FP64=is_fp64, INT64=int64,
             )
@@ -689,6 +790,7 @@ def batch_norm_relu_backward_triton(
     if bias is not None:
         _check_channel_vector(bias, "bias", x)
     weight, bias, mean, var = _vec(weight), _vec(bias), _vec(mean), _vec(var)
+    _check_plane(x)
     N, C, H, W = x.shape
     accd = _acc_dtype(x.dtype)
     xd, fmt = _dense(x)
@@ -717,7 +819,7 @@ def batch_norm_relu_backward_triton(
     coef = torch.empty((2, C), dtype=accd, device=x.device)
     reduce = bool(training) or bool(weight_grads)
     with device_guard(x):
-        wrap_triton(_bn_channel_kernel)[_channel_grid(C)](
+        _kernel(_bn_channel_kernel, x)[_channel_grid(C)](
             par, par, mean, var,
             weight if weight is not None else par, bias if bias is not None else par,
             par, par, par, C, M, 1, 1, float(eps), _bits(eps),
@@ -728,17 +830,17 @@ def batch_norm_relu_backward_triton(
             chunk, S = _chunks(C, M, cl)
             pdy = torch.empty((S, C), dtype=accd, device=x.device)
             pdyx = torch.empty((S, C), dtype=accd, device=x.device)
-            wrap_triton(_bn_relu_bwd_reduce_kernel)[_reduce_grid(C, S, cl)](
+            _kernel(_bn_relu_bwd_reduce_kernel, x)[_reduce_grid(C, S, cl)](
                 g, xd, par, pdy, pdyx, C, HW, M, chunk,
                 CHANNELS_LAST=cl, IS_FP64=is_fp64, INT64=int64,
             )
             gw = grad_weight if weight_grads else torch.empty((C,), dtype=accd, device=x.device)
             gb = grad_bias if weight_grads else torch.empty((C,), dtype=accd, device=x.device)
-            wrap_triton(_bn_relu_bwd_channel_kernel)[_channel_grid(C)](
+            _kernel(_bn_relu_bwd_channel_kernel, x)[_channel_grid(C)](
                 pdy, pdyx, gw, gb, coef, C, M, S,
                 TRAINING=bool(training), IS_FP64=is_fp64,
             )
-        wrap_triton(_bn_relu_bwd_kernel)[flat_grid(total)](
+        _kernel(_bn_relu_bwd_kernel, x)[flat_grid(total)](
             g, xd, par, coef, res if res is not None else g, grad_x, total, size_class(total),
             C, HW,
             CHANNELS_LAST=cl, TRAINING=bool(training), HAS_RES=res is not None,
@@ -769,7 +871,7 @@ def batch_norm_update_stats_triton(running_mean: torch.Tensor, running_var: torc
     # Strided running statistics are updated through contiguous copies, copied back.
     rm, rv = _vec(running_mean), _vec(running_var)
     with device_guard(running_mean):
-        wrap_triton(_bn_update_stats_kernel)[_channel_grid(C)](
+        _kernel(_bn_update_stats_kernel, running_mean)[_channel_grid(C)](
             rm, rv, _vec(mean), _vec(var), C, int(count), float(momentum),
             _bits(momentum), IS_FP64=running_mean.dtype == torch.float64,
         )

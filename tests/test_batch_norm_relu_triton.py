@@ -78,17 +78,21 @@ def _reference(x, w, b, rm, rv, training, g, gres, dtype=torch.float64):
 
 def _close(got: torch.Tensor, want64: torch.Tensor, eager: Optional[torch.Tensor], dtype, what: str):
     """float32/float64: close to the float64 reference; half: within 2x the error of
-    PyTorch's own computation in that dtype (plus a small atol)."""
+    PyTorch's own computation in that dtype, plus a small atol and one unit in the last
+    place of the stored value (Triton 3.6's interpreter truncates float32 to bfloat16
+    instead of rounding it: a few-element result such as grad_weight can be a full ulp
+    off where PyTorch happens to be close)."""
     got64 = got.detach().to(torch.float64)
     if dtype == torch.float64:
         torch.testing.assert_close(got64, want64, atol=1e-10, rtol=1e-10, msg=what)
     elif dtype == torch.float32:
         torch.testing.assert_close(got64, want64, atol=2e-5, rtol=2e-5, msg=what)
     else:
-        err = (got64 - want64).abs().max().item()
+        err = (got64 - want64).abs()
         err_eager = (eager.detach().to(torch.float64) - want64).abs().max().item()
         atol = 2e-2 if dtype == torch.bfloat16 else 3e-3
-        assert err <= 2 * err_eager + atol, f"{what}: error {err} vs eager {err_eager}"
+        bound = 2 * err_eager + atol + torch.finfo(dtype).eps * want64.abs()
+        assert (err <= bound).all(), f"{what}: error {err.max().item()} vs eager {err_eager}"
 
 
 def _check_case(bnr, x, w, b, rm, rv, training, grad_residual=True, weight_grads=True):
@@ -371,9 +375,11 @@ def _cxx_op(name: str):
     """The C++ op of this name, if the built extension has a kernel for it on DEVICE (else
     None): its errors are the ones the Triton op repeats."""
     key = "CUDA" if DEVICE == "cuda" else "CPU"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"resattn_fast::{name}", key):
+    try:
+        op = getattr(torch.ops.resattn_fast, name).default
+    except (AttributeError, RuntimeError):
         return None
-    return getattr(torch.ops.resattn_fast, name).default
+    return op if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key) else None
 
 
 BAD_FORWARD = [

@@ -45,6 +45,7 @@ from torch.library import wrap_triton
 
 from ..._format import memory_format_of
 from ._common import (
+    INTERPRETED,
     acc,
     configs,
     device_guard,
@@ -145,7 +146,7 @@ def _divmod(a, d, INT64: tl.constexpr):
     2**-21), then corrected by one either way."""
     if INT64:
         dd = tl.cast(d, tl.int64)
-        inv = 1.0 / tl.cast(d, tl.float32).to(tl.float64)
+        inv = (1.0 / tl.cast(d, tl.float32)).to(tl.float64)
         q = (a.to(tl.float64) * inv).to(tl.int64)
         q += ((a - q * dd).to(tl.float64) * inv).to(tl.int64)
         q += ((a - q * dd).to(tl.float64) * inv).to(tl.int64)
@@ -682,12 +683,12 @@ class _NoLaunch:
 
 def _kernel(kernel: Any, like: torch.Tensor) -> Any:
     """``wrap_triton(kernel)``, whose launches do nothing on fake tensors (opcheck and
-    torch.compile trace the op body on them); under TRITON_INTERPRET=1, where wrap_triton
-    hands back the bare interpreted kernel, a launcher that does nothing on them either."""
-    wrapped = wrap_triton(kernel)
-    if wrapped is kernel and is_fake(like):
+    torch.compile trace the op body on them). An interpreted kernel (TRITON_INTERPRET=1)
+    cannot be traced (wrap_triton hands it back bare, or, in older torch, fails on it):
+    on fake tensors it gets a launcher that does nothing."""
+    if INTERPRETED and is_fake(like):
         return _NoLaunch()
-    return wrapped
+    return wrap_triton(kernel)
 
 
 def _reduce_grid(C: int, S: int, channels_last: bool) -> Tuple[int, int]:

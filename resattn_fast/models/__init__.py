@@ -7,10 +7,10 @@ from typing import Any, List, Optional
 
 from ..convert import IMPLS, convert
 from ..ops._backends import BACKENDS
-from .resattn import CONFIGS, NetConfig, ResidualAttentionNet
+from .resattn import CHECKPOINT_MODES, CONFIGS, NetConfig, ResidualAttentionNet, checkpoint_mode
 from .weights import WeightsError, load_state_into, read_weights
 
-__all__ = ["CONFIGS", "NetConfig", "ResidualAttentionNet", "WeightsError", "create_model",
+__all__ = ["CHECKPOINT_MODES", "CONFIGS", "NetConfig", "ResidualAttentionNet", "WeightsError", "create_model",
            "list_models"]
 
 
@@ -33,7 +33,8 @@ def create_model(name: str, *, num_classes: Optional[int] = None, impl: str = "f
         checkpoint_path: (timm's keyword) a .safetensors file written by ``resattn export``
             or a training checkpoint of ours (best.pt / last.pt): its weights are loaded
             into whichever ``impl`` is asked for (both share one state_dict).
-        **kwargs: `grad_checkpointing=True` to enable gradient checkpointing.
+        **kwargs: ``grad_checkpointing="none" | "selective" | "full"`` (or False / True):
+            see ``ResidualAttentionNet.set_grad_checkpointing``.
 
     Raises:
         ValueError: unknown name, impl or backend. WeightsError (a ValueError): the file
@@ -47,7 +48,7 @@ def create_model(name: str, *, num_classes: Optional[int] = None, impl: str = "f
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    grad_ckpt = bool(kwargs.pop("grad_checkpointing", False))
+    grad_ckpt = checkpoint_mode(kwargs.pop("grad_checkpointing", False))
     if kwargs:
         raise TypeError(f"create_model: unexpected arguments {sorted(kwargs)}")
     state = None

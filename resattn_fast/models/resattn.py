@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as tnn
 from torch.utils.checkpoint import checkpoint
 
+from ..nn.batch_norm import bn_relu
+from ..ops._recompute import selective_recompute
 from ..reference.modules import AttentionModule as RefAttentionModule
 from ..reference.modules import ResidualUnit
 
-__all__ = ["NetConfig", "ResidualAttentionNet", "CONFIGS"]
+CHECKPOINT_MODES = ("none", "selective", "full")
+
+__all__ = ["NetConfig", "ResidualAttentionNet", "CONFIGS", "CHECKPOINT_MODES", "checkpoint_mode"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,10 @@ class ResidualAttentionNet(tnn.Module):
         self.global_pool = tnn.AdaptiveAvgPool2d(1)
         self.fc: tnn.Module = tnn.Linear(ch, self.num_classes) if self.num_classes > 0 else tnn.Identity()
         self.grad_checkpointing = False
+        self.checkpoint_mode = "none"
+        # "fast": the stem's and the final BN-ReLU run the fused op (set by convert()).
+        self.norm_impl = "reference"
+        self.norm_backend: Optional[str] = None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -130,16 +138,31 @@ class ResidualAttentionNet(tnn.Module):
                 tnn.init.zeros_(m.bias)
 
     # timm conventions ------------------------------------------------------------------
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block (residual unit or attention module) in backward instead of
-        keeping its activations, so deep networks fit larger batches.
+    def set_grad_checkpointing(self, enable: Union[bool, str] = True) -> None:
+        """Trade compute for activation memory in training (timm's method; a mode name too).
 
-        Batch-norm caveat: recomputation runs every BatchNorm of the block a second time in
-        training mode. The batch statistics are the same (same input), so the gradients are
-        exact, but the running mean/var would be updated twice per step; the recomputation
-        therefore runs with momentum 0 (see ``_BNOnce``), so they are updated once.
+        Modes:
+            "none" (or False): keep every activation backward needs.
+            "selective": each BN-ReLU output a convolution keeps for its weight gradient is
+                dropped and recomputed in backward from the pair's input and the per-channel
+                statistics, in one pass (the fused op's eval kernel); no convolution reruns
+                and running statistics are untouched. Needs the fast model (impl="fast").
+            "full" (or True): each block (residual unit or attention module) keeps only its
+                input and runs again in backward. Its batch norms then see the same batch
+                and give the same statistics, but must not update the running statistics a
+                second time: the rerun uses momentum 0 and restores num_batches_tracked
+                (``_BNOnce``), so they are updated exactly once per step.
+
+        In every mode the gradients equal "none"'s.
         """
-        self.grad_checkpointing = bool(enable)
+        mode = checkpoint_mode(enable)
+        if mode == "selective" and self.norm_impl != "fast":
+            raise ValueError(
+                'set_grad_checkpointing("selective") recomputes the fused BN-ReLU outputs and '
+                "needs the fast model (impl=\"fast\" or resattn_fast.convert(model, \"fast\")); "
+                'the reference model supports "none" and "full"')
+        self.checkpoint_mode = mode
+        self.grad_checkpointing = mode != "none"
 
     def get_classifier(self) -> tnn.Module:
         return self.fc
@@ -151,17 +174,36 @@ class ResidualAttentionNet(tnn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"{self.config.name}: expected input of shape (N, 3, H, W), got {tuple(x.shape)}")
-        x = self.stem(x)
+        x = self._stem(x)
+        mode = self.checkpoint_mode if self.training and torch.is_grad_enabled() else "none"
         for stage in self.stages:
             for block in stage:
-                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                if mode == "full":
                     x = _checkpointed(block, x)
+                elif mode == "selective" and not torch.compiler.is_compiling():
+                    # Under torch.compile the block runs as is: inductor's partitioner
+                    # chooses what to recompute in the compiled graph.
+                    with selective_recompute():
+                        x = block(x)
                 else:
                     x = block(x)
         return x
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        if self.norm_impl == "fast" and self.config.stem == "imagenet":
+            conv, bn, _relu, pool = self.stem
+            if selective_recompute_wanted(self):
+                with selective_recompute():
+                    return pool(bn_relu(bn, conv(x), backend=self.norm_backend))
+            return pool(bn_relu(bn, conv(x), backend=self.norm_backend))
+        return self.stem(x)
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(self.act(self.norm(x))).flatten(1)
+        if self.norm_impl == "fast":
+            x = bn_relu(self.norm, x, backend=self.norm_backend)
+        else:
+            x = self.act(self.norm(x))
+        x = self.global_pool(x).flatten(1)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +214,7 @@ class ResidualAttentionNet(tnn.Module):
         """The soft mask M(x) in (0, 1) of every attention module, in order:
         a list of (N, C_stage, H_stage, W_stage) tensors."""
         masks = []
-        x = self.stem(x)
+        x = self._stem(x)
         for stage in self.stages:
             for block in stage:
                 if isinstance(block, RefAttentionModule):
@@ -181,6 +223,24 @@ class ResidualAttentionNet(tnn.Module):
                 else:
                     x = block(x)
         return masks
+
+
+def checkpoint_mode(enable: Union[bool, str, None]) -> str:
+    """The mode name of ``set_grad_checkpointing``'s argument: True -> "full", False or
+    None -> "none", or one of CHECKPOINT_MODES."""
+    if enable is None or enable is False:
+        return "none"
+    if enable is True:
+        return "full"
+    if isinstance(enable, str) and enable.strip().lower() in CHECKPOINT_MODES:
+        return enable.strip().lower()
+    raise ValueError(f"grad checkpointing mode must be one of {CHECKPOINT_MODES} (or True/False), "
+                     f"got {enable!r}")
+
+
+def selective_recompute_wanted(net: ResidualAttentionNet) -> bool:
+    return (net.checkpoint_mode == "selective" and net.training and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
 
 
 def _checkpointed(block: tnn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Drop-in fast modules: same constructors and state_dict keys as resattn_fast.reference."""
 
-from ..reference.modules import ResidualUnit
 from .attention import AttentionModule
+from .batch_norm import bn_relu
+from .residual import ResidualUnit
 
-__all__ = ["AttentionModule", "ResidualUnit"]
+__all__ = ["AttentionModule", "ResidualUnit", "bn_relu"]

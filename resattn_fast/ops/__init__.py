@@ -1,6 +1,7 @@
-"""The fused soft-mask ops: one public function per op, any backend.
+"""The fused ops: one public function per op, any backend.
 
-``upsample_bilinear_add`` and ``attention_residual`` take ``backend=`` (``"reference"``,
+``upsample_bilinear_add``, ``attention_residual`` (the soft-mask branch) and
+``batch_norm_relu`` (the pre-activation path of every residual unit) take ``backend=`` (``"reference"``,
 ``"cpu"``, ``"cuda"``, ``"triton"`` or None for the fastest available; the environment
 variable RESATTN_BACKEND overrides None). Compiled backends run registered custom ops
 (``torch.ops.resattn_fast.<op>`` for C++/CUDA, ``torch.ops.resattn_fast.<op>_triton`` for
@@ -10,13 +11,13 @@ Triton) with fake kernels and autograd, so ``torch.compile(fullgraph=True)`` tra
 from __future__ import annotations
 
 import functools
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .. import _ext
 from ..reference import ops as _ref
-from . import _registry
+from . import _recompute, _registry
 from ._backends import BACKENDS, BackendUnavailableError, available_backends, resolve_backend
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "BackendUnavailableError",
     "attention_residual",
     "available_backends",
+    "batch_norm_relu",
     "resolve_backend",
     "upsample_bilinear_add",
 ]
@@ -163,3 +165,127 @@ def attention_residual(
     if chosen == "triton":
         return _triton_ops().attention_residual(mask_logits, trunk)
     return _compiled(chosen, trunk.device).attention_residual(mask_logits, trunk)
+
+
+def _bn_ops(backend: str, device: torch.device) -> Tuple[Any, Any, Any]:
+    """(forward, backward, update) ops of ``backend`` for batch_norm_relu."""
+    if backend == "triton":
+        _triton_ops()
+        ns = torch.ops.resattn_fast
+        return (ns.batch_norm_relu_triton.default, ns.batch_norm_relu_backward_triton.default,
+                ns.batch_norm_update_stats_triton.default)
+    ns = _compiled(backend, device)
+    return ns.batch_norm_relu.default, ns.batch_norm_relu_backward.default, ns.batch_norm_update_stats.default
+
+
+class _BatchNormReLUIdentity(torch.autograd.Function):
+    """batch_norm_relu that also hands ``x`` on as the unit's identity shortcut, so the
+    shortcut's gradient arrives here and is added to grad_x in the op's apply pass
+    (autograd would otherwise sum the two gradients of x with a separate add)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                training: bool, eps: float, ops3: Tuple[Any, Any, Any]) -> Tuple[torch.Tensor, ...]:
+        out, mean, var = ops3[0](x, weight, bias, running_mean, running_var, training, eps)
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.training, ctx.eps, ctx.backward_op = training, eps, ops3[1]
+        ctx.mark_non_differentiable(mean, var)
+        return out, x.view_as(x), mean, var
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, grad_identity: torch.Tensor, _gm: Any, _gv: Any) -> Tuple[Any, ...]:
+        x, weight, bias, mean, var = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        weight_grads = bool((weight is not None and need[1]) or (bias is not None and need[2]))
+        grad_x, gw, gb = ctx.backward_op(grad, x, weight, bias, mean, var, ctx.training, ctx.eps,
+                                         grad_identity, weight_grads)
+        return (grad_x if need[0] else None,
+                gw if weight is not None and need[1] else None,
+                gb if bias is not None and need[2] else None,
+                None, None, None, None, None)
+
+
+def _check_channel_vector(v: Optional[torch.Tensor], name: str, x: torch.Tensor) -> None:
+    if v is None:
+        return
+    _check_tensor(v, name)
+    if v.dim() != 1 or v.shape[0] != x.shape[1]:
+        raise ValueError(f"resattn_fast: {name} must be a 1-D tensor of C = {x.shape[1]} values, "
+                         f"got shape {tuple(v.shape)}")
+    if v.device != x.device:
+        raise ValueError(f"resattn_fast: {name} must be on x's device ({x.device}), got {v.device}")
+    if v.dtype not in (torch.float32, x.dtype):
+        raise TypeError(f"resattn_fast: {name} must be float32 or x's dtype ({x.dtype}), got {v.dtype}")
+
+
+def batch_norm_relu(
+    x: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    identity: bool = False,
+    backend: Optional[str] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
+    eps))`` fused: the pre-activation of a residual unit.
+
+    Same arguments and semantics as ``F.batch_norm`` (training: batch statistics, biased
+    variance to normalise, the unbiased one into running_var, running statistics updated
+    once per call when given; eval: the running statistics). ``momentum`` is the
+    exponential average factor of that call (``nn.BatchNorm2d`` passes
+    ``1 / num_batches_tracked`` for ``momentum=None``; see ``resattn_fast.nn.bn_relu``).
+
+    Args:
+        x: (N, C, H, W), float32/float64/float16/bfloat16, NCHW, channels_last or any strides.
+        running_mean, running_var: (C,) float32 or x's dtype, or None (training only).
+        weight, bias: (C,) float32 or x's dtype, or None (1 and 0).
+        identity: also return ``x`` for a residual unit's identity shortcut: the
+            shortcut's gradient is then added to grad_x inside the op's backward pass.
+        backend: "reference", "cpu", "cuda", "triton" or None (fastest available).
+
+    Returns:
+        (N, C, H, W) in x's dtype, channels_last if x is, else contiguous (and the
+        identity ``x`` when ``identity``). Backward keeps x and the per-channel mean and
+        variance, never the output: the ReLU mask and x_hat are recomputed.
+    """
+    _check_tensor(x, "x", 4)
+    if x.shape[1] < 1:
+        raise ValueError(f"resattn_fast: x must have at least one channel, got {tuple(x.shape)}")
+    for v, name in ((running_mean, "running_mean"), (running_var, "running_var"),
+                    (weight, "weight"), (bias, "bias")):
+        _check_channel_vector(v, name, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("resattn_fast: give both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError("resattn_fast: running_mean and running_var are required when training=False")
+    if momentum is None or not isinstance(momentum, (int, float)):
+        raise TypeError("resattn_fast: momentum must be a float (the exponential average factor of "
+                        "this call); for momentum=None use resattn_fast.nn.bn_relu(module, x)")
+    if training and x.numel() > 0 and x.numel() // x.shape[1] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    chosen = resolve_backend(backend, x.device)
+    if chosen == "reference":
+        return _ref.batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum,
+                                    eps, identity=identity)
+    ops3 = _bn_ops(chosen, x.device)
+    training, eps = bool(training), float(eps)
+    rm, rv = (None, None) if training else (running_mean, running_var)
+    if identity and torch.is_grad_enabled() and x.requires_grad:
+        out, ident, mean, var = _BatchNormReLUIdentity.apply(x, weight, bias, rm, rv, training, eps, ops3)
+    else:
+        out, mean, var = ops3[0](x, weight, bias, rm, rv, training, eps)
+        ident = x
+    if training and running_mean is not None and momentum != 0 and x.numel() > 0:
+        ops3[2](running_mean, running_var, mean.detach(), var.detach(), float(momentum),
+                x.numel() // x.shape[1])
+    if _recompute.active():
+        forward = ops3[0]
+        x_, w_, b_, m_, v_ = x.detach(), weight, bias, mean.detach(), var.detach()
+        _recompute.offer(out, lambda: forward(x_, w_, b_, m_, v_, False, eps)[0])
+    return (out, ident) if identity else out

@@ -6,7 +6,9 @@ of fake kernels and one autograd formula serves both: ``register_op_pair`` wires
 forward op to its backward op.
 
 What backward keeps (checked by the tests): upsample_bilinear_add keeps no tensor, only
-the input size; attention_residual keeps its two inputs and nothing else.
+the input size; attention_residual keeps its two inputs and nothing else;
+batch_norm_relu keeps x, weight, bias and the per-channel mean and variance (never its
+output: the ReLU mask and x_hat are recomputed).
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ __all__ = [
     "attention_backward_fake",
     "register_upsample",
     "register_attention",
+    "register_batch_norm_relu",
+    "bn_acc_dtype",
+    "batch_norm_relu_fake",
+    "batch_norm_relu_backward_fake",
 ]
 
 
@@ -49,6 +55,37 @@ def attention_backward_fake(grad: torch.Tensor, mask_logits: torch.Tensor,
                             trunk: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return (torch.empty_like(mask_logits, memory_format=torch.preserve_format),
             torch.empty_like(trunk, memory_format=torch.preserve_format))
+
+
+def bn_acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype batch_norm_relu accumulates and returns its statistics in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def batch_norm_relu_fake(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                         running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                         training: bool, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    stat = bn_acc_dtype(x.dtype)
+    return (out, x.new_empty((x.shape[1],), dtype=stat), x.new_empty((x.shape[1],), dtype=stat))
+
+
+def batch_norm_relu_backward_fake(grad: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor],
+                                  bias: Optional[torch.Tensor], mean: torch.Tensor, var: torch.Tensor,
+                                  training: bool, eps: float, grad_residual: Optional[torch.Tensor],
+                                  weight_grads: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    stat = bn_acc_dtype(x.dtype)
+    c = x.shape[1] if weight_grads else 0
+    gw = x.new_empty((c,), dtype=weight.dtype if weight is not None else stat)
+    gb = x.new_empty((c,), dtype=bias.dtype if bias is not None else stat)
+    return grad_x, gw, gb
+
+
+def batch_norm_update_stats_fake(running_mean: torch.Tensor, running_var: torch.Tensor,
+                                 mean: torch.Tensor, var: torch.Tensor, momentum: float,
+                                 count: int) -> None:
+    return None
 
 
 # Autograd ------------------------------------------------------------------------------
@@ -106,10 +143,44 @@ def register_attention(forward: Any, backward: Any, *, fakes: bool = True) -> No
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
 
+def register_batch_norm_relu(forward: Any, backward: Any, update: Any, *, fakes: bool = True) -> None:
+    """Wire ``forward(x, weight, bias, running_mean, running_var, training, eps)`` ->
+    (out, mean, var) to ``backward(grad, x, weight, bias, mean, var, training, eps,
+    grad_residual, weight_grads)`` -> (grad_x, grad_weight, grad_bias). Saved: x, weight,
+    bias, mean, var (never the output). mean and var are not differentiable (they feed
+    the running statistics, ``update``). No double backward."""
+    if fakes:
+        torch.library.register_fake(forward)(batch_norm_relu_fake)
+        torch.library.register_fake(backward)(batch_norm_relu_backward_fake)
+        torch.library.register_fake(update)(batch_norm_update_stats_fake)
+
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
+        x, weight, bias, _rm, _rv, training, eps = inputs
+        _out, mean, var = output
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.training, ctx.eps = bool(training), float(eps)
+        ctx.mark_non_differentiable(mean, var)
+
+    def backward_fn(ctx: Any, grad: torch.Tensor, _gm: Any, _gv: Any) -> Tuple[Any, ...]:
+        x, weight, bias, mean, var = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        weight_grads = bool((weight is not None and need[1]) or (bias is not None and need[2]))
+        grad_x, gw, gb = backward(grad, x, weight, bias, mean, var, ctx.training, ctx.eps, None,
+                                  weight_grads)
+        return (grad_x if need[0] else None,
+                gw if weight is not None and need[1] else None,
+                gb if bias is not None and need[2] else None,
+                None, None, None, None)
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
 def register_compiled_ops(namespace: str = "resattn_fast") -> List[str]:
     """Register fakes and autograd for the C++ ops of resattn_fast._C (once, at import), or
     of the emulated CUDA kernels (namespace ``resattn_fast_emulated``)."""
     ops = getattr(torch.ops, namespace)
     register_upsample(ops.upsample_bilinear_add.default, ops.upsample_bilinear_add_backward.default)
     register_attention(ops.attention_residual.default, ops.attention_residual_backward.default)
-    return ["upsample_bilinear_add", "attention_residual"]
+    register_batch_norm_relu(ops.batch_norm_relu.default, ops.batch_norm_relu_backward.default,
+                             ops.batch_norm_update_stats.default)
+    return ["upsample_bilinear_add", "attention_residual", "batch_norm_relu"]

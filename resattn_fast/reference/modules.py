@@ -1,12 +1,13 @@
 """Pure-PyTorch building blocks of the Residual Attention Network (see PAPER.md).
 
-The fast modules in :mod:`resattn_fast.nn` subclass these and override only the two
-soft-mask ops, so both share one constructor, one parameter layout and one state_dict.
+The fast modules in :mod:`resattn_fast.nn` subclass these and override only their hooks
+(the BN-ReLU pair, and the two soft-mask ops), so both share one constructor, one
+parameter layout and one state_dict.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as tnn
@@ -44,12 +45,23 @@ class ResidualUnit(tnn.Module):
         if in_channels != out_channels or stride != 1:
             self.shortcut = tnn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
+    # The BN-ReLU pair; resattn_fast.nn.ResidualUnit overrides it with the fused op.
+    def bn_relu(self, bn: tnn.Module, x: torch.Tensor, identity: bool = False
+                ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+        """``relu(bn(x))``; with ``identity`` also ``x``, the identity shortcut (the fast
+        unit adds that shortcut's gradient inside the pair's backward)."""
+        out = self.relu(bn(x))
+        return (out, x) if identity else out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pre = self.relu(self.bn1(x))
-        identity = x if self.shortcut is None else self.shortcut(pre)
+        if self.shortcut is None:
+            pre, identity = self.bn_relu(self.bn1, x, identity=True)
+        else:
+            pre = self.bn_relu(self.bn1, x)
+            identity = self.shortcut(pre)
         out = self.conv1(pre)
-        out = self.conv2(self.relu(self.bn2(out)))
-        out = self.conv3(self.relu(self.bn3(out)))
+        out = self.conv2(self.bn_relu(self.bn2, out))
+        out = self.conv3(self.bn_relu(self.bn3, out))
         return out + identity
 
 
@@ -117,6 +129,15 @@ class AttentionModule(tnn.Module):
     def attend(self, mask_logits: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
         return ref_ops.attention_residual(mask_logits, trunk)
 
+    # The mask head's BN-ReLU pairs; the fast module fuses them.
+    def bn_relu(self, bn: tnn.Module, x: torch.Tensor) -> torch.Tensor:
+        return tnn.functional.relu(bn(x), inplace=True)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The mask head: BN, ReLU, 1x1 conv, BN, ReLU, 1x1 conv -> logits."""
+        h = self.mask_head
+        return h[5](self.bn_relu(h[3], h[2](self.bn_relu(h[0], x))))
+
     def mask_logits(self, x: torch.Tensor) -> torch.Tensor:
         """Soft-mask branch up to (not including) the sigmoid: (N, C, H, W) logits."""
         skips = []
@@ -128,7 +149,7 @@ class AttentionModule(tnn.Module):
         for i in reversed(range(self.mask_depth - 1)):
             out = self.up[i](self.upsample_add(out, skips[i], skips[i].shape[-2:]))
         out = self.upsample_add(out, None, x.shape[-2:])
-        return self.mask_head(out)
+        return self.head(out)
 
     def forward_with_mask(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Like forward, also returning the soft mask M(x) in (0, 1), (N, C, H, W)."""

@@ -1,19 +1,19 @@
-"""The two soft-mask ops written with plain torch ops: the ground truth for every kernel.
+"""The fused ops written with plain torch ops: the ground truth for every kernel.
 
-Both accept the same arguments as their fused counterparts in :mod:`resattn_fast.ops`
+Each accepts the same arguments as their fused counterparts in :mod:`resattn_fast.ops`
 (minus ``backend``) and autograd differentiates them the ordinary way.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from .._format import memory_format_of
 
-__all__ = ["upsample_bilinear_add", "attention_residual"]
+__all__ = ["upsample_bilinear_add", "attention_residual", "batch_norm_relu"]
 
 
 def upsample_bilinear_add(
@@ -57,3 +57,32 @@ def attention_residual(mask_logits: torch.Tensor, trunk: torch.Tensor) -> torch.
         A tensor of trunk's shape, dtype and memory format.
     """
     return (1 + torch.sigmoid(mask_logits)) * trunk
+
+
+def batch_norm_relu(
+    x: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    identity: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """``relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
+    eps))``, updating the running statistics in training exactly as F.batch_norm does.
+
+    Args:
+        x: (N, C, H, W) floating tensor.
+        running_mean, running_var: (C,) or None (then training must be True).
+        weight, bias: (C,) or None.
+        identity: also return ``x`` (the identity shortcut of a residual unit), as the
+            fused op does.
+
+    Returns:
+        The output in x's dtype (and ``x`` when ``identity``).
+    """
+    out = F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
+    return (out, x) if identity else out

@@ -345,29 +345,41 @@ def test_update_stats_matches_batch_norm(bnr):
 
 # --------------------------------------------------------------------------- opcheck
 def test_opcheck(bnr):
-    """Schema, fake kernel and autograd registration; compiled (on a GPU) also the
-    AOTDispatcher traces. Interpreted, wrap_triton hands back the bare kernel, which a
-    trace cannot record, so those tests need the compiled kernels."""
-    from resattn_fast.ops.triton._common import INTERPRETED
-
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor") if INTERPRETED \
-        else None
-    kw = {"test_utils": utils} if utils else {}
+    """Schema, fake kernel, autograd registration and the AOTDispatcher traces (interpreted,
+    the ops stay whole in the traced graph: _common.opaque_when_interpreted)."""
     x = torch.randn(2, 3, 4, 5, device=DEVICE)
     xcl = x.contiguous(memory_format=torch.channels_last)
     w, b, rm, rv = _params(3, torch.float32)
     for xi in (x, xcl):
         for training in (True, False):
             torch.library.opcheck(_ops().batch_norm_relu_triton.default,
-                                  (xi, w, b, rm, rv, training, EPS), **kw)
+                                  (xi, w, b, rm, rv, training, EPS))
         out, mean, var = _ops().batch_norm_relu_triton(xi, w, b, rm, rv, True, EPS)
         g = torch.randn_like(xi)
         torch.library.opcheck(_ops().batch_norm_relu_backward_triton.default,
-                              (g, xi, w, b, mean, var, True, EPS, g, True), **kw)
+                              (g, xi, w, b, mean, var, True, EPS, g, True))
         torch.library.opcheck(_ops().batch_norm_relu_backward_triton.default,
-                              (g, xi, None, None, mean, var, False, EPS, None, False), **kw)
+                              (g, xi, None, None, mean, var, False, EPS, None, False))
     torch.library.opcheck(_ops().batch_norm_update_stats_triton.default,
-                          (rm.clone(), rv.clone(), rm + 1, rv + 1, 0.1, 10), **kw)
+                          (rm.clone(), rv.clone(), rm + 1, rv + 1, 0.1, 10))
+    leaf = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    torch.library.opcheck(_ops().batch_norm_relu_triton.default,
+                          (*leaf, rm, rv, True, EPS))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_autograd(bnr, training):
+    """Gradients through the registered autograd (x, weight, bias)."""
+    x = _layout(torch.randn(3, 4, 5, 6, dtype=torch.float64, device=DEVICE), "channels_last")
+    w, b, rm, rv = _params(4, torch.float64)
+    leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+    out, mean, var = _ops().batch_norm_relu_triton(*leaves, rm, rv, training, EPS)
+    assert not mean.requires_grad and not var.requires_grad
+    g = torch.randn(x.shape, dtype=torch.float64, device=DEVICE)
+    out.backward(g)
+    _, gx, gw, gb = _reference(x, w, b, rm, rv, training, g, None)
+    for got, want in zip((leaf.grad for leaf in leaves), (gx, gw, gb)):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
 
 
 # ------------------------------------------------------------------------------ errors

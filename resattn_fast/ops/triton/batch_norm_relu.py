@@ -5,7 +5,8 @@ Registered as ``torch.ops.resattn_fast.batch_norm_relu_triton``,
 ``torch.ops.resattn_fast.batch_norm_relu_backward_triton`` and
 ``torch.ops.resattn_fast.batch_norm_update_stats_triton`` with ``torch.library.triton_op``
 (kernels launched through ``wrap_triton``, so torch.compile traces into them), with the
-schemas of csrc/schemas.h and the math of kernels/batch_norm_relu.h:
+schemas of csrc/schemas.h and the math of kernels/batch_norm_relu.h; autograd comes from
+``resattn_fast.ops._registry`` (x, weight, bias, mean and var saved, never the output):
 
   invstd = 1 / sqrt(var + eps),  scale = weight * invstd,
   out = relu((x - mean) * scale + bias)
@@ -44,13 +45,16 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
 from ..._format import memory_format_of
+from .. import _registry
 from ._common import (
     INTERPRETED,
     acc,
     configs,
     device_guard,
     flat_grid,
+    needs_fake,
     needs_int64,
+    opaque_when_interpreted,
     size_class,
     triton_op_kwargs,
 )
@@ -68,10 +72,12 @@ _APPLY_CONFIGS = configs([(1024, 4), (2048, 8), (4096, 8)], interpreted_block=40
 
 
 def _prune_fp64(configs: Any, nargs: Any, **kwargs: Any) -> Any:
-    """The apply configs a launch may tune over: float64 at most 2048 elements per block
-    (the 4096-element block needs more registers than ptxas gives it: spills)."""
+    """The apply configs a launch may tune over: float64 at most 1024 elements per block
+    (larger float64 blocks need more registers than ptxas gives them on sm_80: 4096
+    spills with Triton 3.8, 2048 in the forward with Triton 3.6; see
+    benchmarks/gpu_resources.py)."""
     if kwargs.get("IS_FP64"):
-        return [c for c in configs if c.kwargs.get("BLOCK", 0) <= 2048] or configs[:1]
+        return [c for c in configs if c.kwargs.get("BLOCK", 0) <= 1024] or configs[:1]
     return configs
 
 
@@ -880,6 +886,13 @@ def batch_norm_update_stats_triton(running_mean: torch.Tensor, running_var: torc
         running_mean.copy_(rm)
     if rv is not running_var:
         running_var.copy_(rv)
+
+
+for _op in (batch_norm_relu_triton, batch_norm_relu_backward_triton, batch_norm_update_stats_triton):
+    opaque_when_interpreted(_op)
+_registry.register_batch_norm_relu(batch_norm_relu_triton, batch_norm_relu_backward_triton,
+                                   batch_norm_update_stats_triton,
+                                   fakes=needs_fake(batch_norm_relu_triton))
 
 
 def batch_norm_relu(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],

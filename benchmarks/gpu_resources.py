@@ -248,8 +248,8 @@ def triton_variants(kernels: Optional[str] = None) -> List[TritonVariant]:
                                              {**flag_const, **cfg.kwargs}))
             # Triton turns integer arguments equal to 1 (sizes, strides) into constants,
             # which breaks code that calls tensor methods on them: compile that case
-            # too, every such argument 1, all flags off and all on.
-            for flag_value in (False, True):
+            # too, every such argument 1, all flags off and all on (once if no flags).
+            for flag_value in (False, True) if flags else (False,):
                 base = next(v for v in variants if v.name == name and v.spec.split()[1] == "float32"
                             and all(v.constexprs[f] == flag_value for f in flags))
                 sig = dict(base.signature)

@@ -31,8 +31,9 @@ config each (the autotuner picking another block size or warp count would change
 summation order, so the results, between processes).
 
 Accumulation in float32 (float64 for float64 x); half types round once, at the store.
-Exact division and square root (``div_rn``, ``sqrt_rn``; float64 ``/`` and ``sqrt`` are
-exact) where the C++ backends divide, so all backends normalise with the same invstd.
+Correctly rounded division and square root (``div_rn``, ``sqrt_rn``; float64 ``/`` and
+``sqrt`` are) wherever the math divides (invstd, means, Chan's weights), as the C++
+backends do: float32 ``/`` compiles to an approximate division on NVIDIA GPUs.
 """
 
 import struct

@@ -156,22 +156,21 @@ void bn_stats_nchw(const BatchNormStatsArgs& a) {
   });
   auto* mean = static_cast<acc_t*>(a.mean);
   auto* var = static_cast<acc_t*>(a.var);
-  // Per channel, the units in (n, segment) order.
-  at::parallel_for(0, s.C, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      acc_t n_a = 0, mean_a = 0, m2_a = 0;
-      for (int64_t n = 0; n < s.N; ++n) {
-        for (int64_t seg = 0; seg < units.nseg; ++seg) {
-          const int64_t u = (n * s.C + c) * units.nseg + seg;
-          int64_t lo, hi;
-          units.segment(u, s, &lo, &hi);
-          resattn::welford_combine<acc_t>(n_a, mean_a, m2_a, static_cast<acc_t>(hi - lo), pmean[u], pm2[u]);
-        }
+  // Per channel, the units in (n, segment) order. Serial: N * C combinations cost
+  // microseconds, less than another parallel region (each one a barrier for every thread).
+  for (int64_t c = 0; c < s.C; ++c) {
+    acc_t n_a = 0, mean_a = 0, m2_a = 0;
+    for (int64_t n = 0; n < s.N; ++n) {
+      for (int64_t seg = 0; seg < units.nseg; ++seg) {
+        const int64_t u = (n * s.C + c) * units.nseg + seg;
+        int64_t lo, hi;
+        units.segment(u, s, &lo, &hi);
+        resattn::welford_combine<acc_t>(n_a, mean_a, m2_a, static_cast<acc_t>(hi - lo), pmean[u], pm2[u]);
       }
-      mean[c] = mean_a;
-      var[c] = m2_a / n_a;
     }
-  });
+    mean[c] = mean_a;
+    var[c] = m2_a / n_a;
+  }
 }
 
 // Walks the channel chunks of one channels_last row: f(c, n) for n = kChunk values from

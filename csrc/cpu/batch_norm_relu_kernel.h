@@ -34,6 +34,8 @@ constexpr int64_t kBnBlock = 1 << 15;
 // Rows per channels_last group at most: each channel's partial sums accumulate one row
 // at a time, so few channels would otherwise mean long sequential sums.
 constexpr int64_t kBnMaxGroupRows = 256;
+// Rows per pass over a channels_last row group's accumulators.
+constexpr int64_t kBnRowBlock = 4;
 // Values per at::parallel_for task of the elementwise passes.
 constexpr int64_t kBnGrain = 1 << 15;
 
@@ -205,26 +207,43 @@ void bn_stats_cl(const BatchNormStatsArgs& a) {
       std::fill(g2, g2 + C, acc_t(0));
       // Shifted sums around the group's first row (see the header comment).
       const scalar_t* xk = x + r0 * C;
-      for (int64_t r = r0 + 1; r < r0 + nr; ++r) {
+      // kBnRowBlock rows per walk over the channels: the accumulators are loaded and
+      // stored once per block; each channel still adds its rows in row order.
+      auto rows = [&](int64_t r, auto block) {
+        constexpr int64_t kRows = decltype(block)::value;
         const scalar_t* xr = x + r * C;
         for_each_channel_chunk<kChunk>(C, [&](int64_t c, int64_t n) {
-          Vec s0, s1, q0, q1, x0, x1, k0, k1;
-          prefetch_ahead(xr + c);
+          Vec s0, s1, q0, q1, k0, k1;
           AIO::load(gm + c, n, s0, s1);
           AIO::load(g2 + c, n, q0, q1);
           if (n == kChunk) {
-            IO::load(xr + c, x0, x1);
             IO::load(xk + c, k0, k1);
           } else {
-            IO::load(xr + c, n, x0, x1);
             IO::load(xk + c, n, k0, k1);
           }
-          x0 = x0 - k0;
-          x1 = x1 - k1;
-          AIO::store(gm + c, n, s0 + x0, s1 + x1);
-          AIO::store(g2 + c, n, at::vec::fmadd(x0, x0, q0), at::vec::fmadd(x1, x1, q1));
+          for (int64_t j = 0; j < kRows; ++j) {
+            const scalar_t* xp = xr + j * C + c;
+            Vec x0, x1;
+            prefetch_ahead(xp);
+            if (n == kChunk) {
+              IO::load(xp, x0, x1);
+            } else {
+              IO::load(xp, n, x0, x1);
+            }
+            x0 = x0 - k0;
+            x1 = x1 - k1;
+            s0 = s0 + x0;
+            s1 = s1 + x1;
+            q0 = at::vec::fmadd(x0, x0, q0);
+            q1 = at::vec::fmadd(x1, x1, q1);
+          }
+          AIO::store(gm + c, n, s0, s1);
+          AIO::store(g2 + c, n, q0, q1);
         });
-      }
+      };
+      int64_t r = r0 + 1;
+      for (; r + kBnRowBlock <= r0 + nr; r += kBnRowBlock) rows(r, std::integral_constant<int64_t, kBnRowBlock>());
+      for (; r < r0 + nr; ++r) rows(r, std::integral_constant<int64_t, 1>());
       const acc_t count = static_cast<acc_t>(nr);
       for (int64_t c = 0; c < C; ++c) {
         const acc_t sum = gm[c];
@@ -462,33 +481,45 @@ void bn_backward_reduce_cl(const BatchNormBackwardReduceArgs& a) {
       std::fill(ud, ud + C, acc_t(0));
       std::fill(ue, ue + C, acc_t(0));
       const int64_t r0 = u * units.rows, r1 = r0 + units.group_rows(u);
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* gr = g + r * C;
-        const scalar_t* xr = x + r * C;
+      // Blocks of kBnRowBlock rows, as in bn_stats_cl.
+      auto rows = [&](int64_t r, auto block) {
+        constexpr int64_t kRows = decltype(block)::value;
         for_each_channel_chunk<kChunk>(C, [&](int64_t c, int64_t n) {
-          Vec g0, g1, x0, x1, m0, m1, s0, s1, b0, b1, d0, d1, e0, e1;
-          prefetch_ahead(gr + c);
-          prefetch_ahead(xr + c);
-          if (n == kChunk) {
-            IO::load(gr + c, g0, g1);
-            IO::load(xr + c, x0, x1);
-          } else {
-            IO::load(gr + c, n, g0, g1);
-            IO::load(xr + c, n, x0, x1);
-          }
+          Vec m0, m1, s0, s1, b0, b1, d0, d1, e0, e1;
           AIO::load(mean + c, n, m0, m1);
           AIO::load(scale + c, n, s0, s1);
           AIO::load(bias + c, n, b0, b1);
           AIO::load(ud + c, n, d0, d1);
           AIO::load(ue + c, n, e0, e1);
-          x0 = x0 - m0;
-          x1 = x1 - m1;
-          g0 = g0 & (at::vec::fmadd(x0, s0, b0) > zero);
-          g1 = g1 & (at::vec::fmadd(x1, s1, b1) > zero);
-          AIO::store(ud + c, n, d0 + g0, d1 + g1);
-          AIO::store(ue + c, n, at::vec::fmadd(g0, x0, e0), at::vec::fmadd(g1, x1, e1));
+          for (int64_t j = 0; j < kRows; ++j) {
+            const scalar_t* gp = g + (r + j) * C + c;
+            const scalar_t* xp = x + (r + j) * C + c;
+            Vec g0, g1, x0, x1;
+            prefetch_ahead(gp);
+            prefetch_ahead(xp);
+            if (n == kChunk) {
+              IO::load(gp, g0, g1);
+              IO::load(xp, x0, x1);
+            } else {
+              IO::load(gp, n, g0, g1);
+              IO::load(xp, n, x0, x1);
+            }
+            x0 = x0 - m0;
+            x1 = x1 - m1;
+            g0 = g0 & (at::vec::fmadd(x0, s0, b0) > zero);
+            g1 = g1 & (at::vec::fmadd(x1, s1, b1) > zero);
+            d0 = d0 + g0;
+            d1 = d1 + g1;
+            e0 = at::vec::fmadd(g0, x0, e0);
+            e1 = at::vec::fmadd(g1, x1, e1);
+          }
+          AIO::store(ud + c, n, d0, d1);
+          AIO::store(ue + c, n, e0, e1);
         });
-      }
+      };
+      int64_t r = r0;
+      for (; r + kBnRowBlock <= r1; r += kBnRowBlock) rows(r, std::integral_constant<int64_t, kBnRowBlock>());
+      for (; r < r1; ++r) rows(r, std::integral_constant<int64_t, 1>());
     }
   });
   auto* sum_dy = static_cast<acc_t*>(a.sum_dy);

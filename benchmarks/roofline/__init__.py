@@ -5,6 +5,7 @@ resattn_fast/roofline, so that ``resattn plan`` can use it; here:
 
 - suite.py: the suite (predictions, or calibration against a GPU run's results.csv);
 - fusion.py: the ``reference+compile`` row (an ideal fusion of the reference's kernels);
+- inductor_check.py: inductor's own scheduler on one network's reference step, beside it;
 - report.py: results.csv, report.md and the stacked-bar PNG.
 
 What comes from PyTorch and what is written here (both ends of the supported window,

@@ -414,9 +414,8 @@ def write_roofline(run: RooflineRun, out_dir: str) -> Dict[str, str]:
               "of eager dispatch, PyTorch's CUDA upsample backward zero-filling grad_x and scattering with "
               "atomics (the model prices the ideal one pass, so it flatters eager there).",
               "- `reference+compile`: the reference step with an ideal fusion of its memory-bound kernels "
-              "(benchmarks/roofline/fusion.py), not inductor's own decisions (reading those without a GPU "
-              "means compiling each network's step with inductor for the CPU, minutes per network on the "
-              "CI's cores, with the CPU backend's fusion rules). Convolutions, matrix products, max-pool, "
+              "(benchmarks/roofline/fusion.py), not inductor's own decisions, which take minutes per network "
+              "to read on a CPU (`--inductor-check NET` does it for one network, below). Convolutions, matrix products, max-pool, "
               "upsample and the optimizer stay as they are; every run of other kernels between two of them "
               "reads each outside tensor once and writes only what is read outside the run (or never again), "
               "cut after each per-channel reduction (batch norm statistics, its gradient sums), whose "

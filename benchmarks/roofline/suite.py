@@ -1,13 +1,17 @@
 """The ``roofline`` suite of benchmarks/run.py: predicted GPU training steps, and their
 calibration against a GPU run's measurements.
 
-    python benchmarks/run.py --suite roofline --gpu H100 --batch 64 --dtype bf16 --channels-last --out DIR
+    python benchmarks/run.py --suite roofline --gpu H100 --batch 64 --dtype bf16 --channels-last \
+        --inductor-check attention56 --out docs/perf/roofline
     python benchmarks/run.py --suite roofline --gpu auto --measured GPU_OUT/results.csv --out DIR
 
-The first traces every network (reference and fast) and the fused ops at the ops suite's
-headline shapes; the second predicts exactly what the GPU run measured (the models
-suite's training steps, with its plain SGD, and every ops-suite row of the two fused ops
-and their eager expressions) and writes measured / predicted.
+The first traces every network (reference; fast; fast with selective and with full
+checkpointing), prices the reference as compiled (fusion.py; ``--inductor-check NET``
+sets inductor's own scheduler beside it for one network) and the fused ops at the ops
+suite's headline shapes; the second predicts exactly what the GPU run measured (the
+models suite's training steps, with its plain SGD, its largest batches with and without
+checkpointing, and every ops-suite row of the two fused ops and their eager expressions)
+and writes measured / predicted.
 """
 
 from __future__ import annotations

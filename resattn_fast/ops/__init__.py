@@ -273,7 +273,17 @@ def batch_norm_relu(
                         "this call); for momentum=None use resattn_fast.nn.bn_relu(module, x)")
     if training and x.numel() > 0 and x.numel() // x.shape[1] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
-    chosen = resolve_backend(backend, x.device)
+    return _batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                            identity, resolve_backend(backend, x.device))
+
+
+def _batch_norm_relu(x: torch.Tensor, running_mean: Optional[torch.Tensor],
+                     running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                     bias: Optional[torch.Tensor], training: bool, momentum: float, eps: float,
+                     identity: bool, chosen: str) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """batch_norm_relu on backend ``chosen`` without the argument checks: for callers whose
+    arguments are a BatchNorm2d's own (resattn_fast.nn.bn_relu; the op's C++/Triton checks
+    still run)."""
     if chosen == "reference":
         return _ref.batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum,
                                     eps, identity=identity)

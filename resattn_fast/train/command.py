@@ -357,14 +357,14 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
         if "optimizer" not in ckpt:
             raise UsageError(f"--resume: {last_path} holds no optimizer state (not a last.pt)")
         _check_resume_compatible(ckpt, config, last_path)
+    elif os.path.exists(last_path):
+        raise UsageError(f"--out {out} already holds a run ({last_path}); pass --resume to "
+                         "continue it or choose another --out")
     config["grad_checkpointing"] = args.grad_checkpointing = grad_checkpointing_mode(
         args.grad_checkpointing, ckpt)
     if args.grad_checkpointing == "selective" and args.impl == "reference":
         raise UsageError(f"--resume: {last_path} was trained with --grad-checkpointing selective, "
                          "which needs --impl fast; pass --grad-checkpointing none or full")
-    elif os.path.exists(last_path):
-        raise UsageError(f"--out {out} already holds a run ({last_path}); pass --resume to "
-                         "continue it or choose another --out")
 
     workers = args.workers
     if workers is None:

@@ -40,6 +40,7 @@
 #include <immintrin.h>
 #endif
 
+#include "batch_norm_relu.h"
 #include "bilinear.h"
 #include "dispatch.h"
 #include "sigmoid.h"

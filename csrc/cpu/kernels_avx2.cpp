@@ -27,6 +27,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "attention_residual_kernel.h"
+#include "batch_norm_relu_kernel.h"
 #include "upsample_bilinear_add_kernel.h"
 #pragma GCC pop_options
 #endif
@@ -37,7 +38,9 @@ namespace cpu {
 const CpuKernels* kernels_avx2() {
 #ifdef RESATTN_BUILD_AVX2
   static const CpuKernels table{"AVX2", &AVX2::upsample_forward, &AVX2::upsample_backward,
-                                &AVX2::attention_forward, &AVX2::attention_backward};
+                                &AVX2::attention_forward, &AVX2::attention_backward,
+                                &AVX2::bn_stats, &AVX2::bn_forward, &AVX2::bn_backward_reduce,
+                                &AVX2::bn_backward_apply};
   return &table;
 #else
   return nullptr;

@@ -35,6 +35,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "attention_residual_kernel.h"
+#include "batch_norm_relu_kernel.h"
 #include "upsample_bilinear_add_kernel.h"
 #pragma GCC pop_options
 #endif
@@ -45,7 +46,9 @@ namespace cpu {
 const CpuKernels* kernels_avx512() {
 #ifdef RESATTN_BUILD_AVX512
   static const CpuKernels table{"AVX512", &AVX512::upsample_forward, &AVX512::upsample_backward,
-                                &AVX512::attention_forward, &AVX512::attention_backward};
+                                &AVX512::attention_forward, &AVX512::attention_backward,
+                                &AVX512::bn_stats, &AVX512::bn_forward, &AVX512::bn_backward_reduce,
+                                &AVX512::bn_backward_apply};
   return &table;
 #else
   return nullptr;

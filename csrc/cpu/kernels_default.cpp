@@ -7,6 +7,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "attention_residual_kernel.h"
+#include "batch_norm_relu_kernel.h"
 #include "upsample_bilinear_add_kernel.h"
 
 namespace resattn {
@@ -14,7 +15,9 @@ namespace cpu {
 
 const CpuKernels* kernels_default() {
   static const CpuKernels table{"DEFAULT", &DEFAULT::upsample_forward, &DEFAULT::upsample_backward,
-                                &DEFAULT::attention_forward, &DEFAULT::attention_backward};
+                                &DEFAULT::attention_forward, &DEFAULT::attention_backward,
+                                &DEFAULT::bn_stats, &DEFAULT::bn_forward, &DEFAULT::bn_backward_reduce,
+                                &DEFAULT::bn_backward_apply};
   return &table;
 }
 

@@ -214,7 +214,7 @@ class ResidualAttentionNet(tnn.Module):
         """The soft mask M(x) in (0, 1) of every attention module, in order:
         a list of (N, C_stage, H_stage, W_stage) tensors."""
         masks = []
-        x = self.stem(x)
+        x = self._stem(x)
         for stage in self.stages:
             for block in stage:
                 if isinstance(block, RefAttentionModule):

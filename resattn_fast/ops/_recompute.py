@@ -25,6 +25,7 @@ import weakref
 from typing import Any, Callable, Dict, Iterator, Tuple
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = ["selective_recompute", "offer", "active"]
 
@@ -56,8 +57,12 @@ class _Recipe:
 
 
 def _key(t: torch.Tensor) -> Tuple[Any, ...]:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
-            t.dtype, t.device)
+    # The storage by a weak reference, not its address: once a registered output is packed
+    # as a recipe nothing holds it, its memory is freed and may come back for another
+    # tensor of the same shape; a weak reference keeps the storage object (not its memory)
+    # from being reused, so a later tensor never matches a stale recipe.
+    return (StorageWeakRef(t.untyped_storage()), t.storage_offset(), tuple(t.shape), t.stride(),
+            t.dtype)
 
 
 def active() -> bool:

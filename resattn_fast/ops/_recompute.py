@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from typing import Any, Callable, Dict, Iterator, Tuple
 
 import torch
@@ -42,18 +41,11 @@ _state = _State()
 class _Recipe:
     """How to compute a saved BN-ReLU output again (holds only what its op saves anyway)."""
 
-    __slots__ = ("compute", "version", "storage")
+    __slots__ = ("compute", "version")
 
-    def __init__(self, compute: Callable[[], torch.Tensor], version: int,
-                 storage: weakref.ref[torch.UntypedStorage]) -> None:
+    def __init__(self, compute: Callable[[], torch.Tensor], version: int) -> None:
         self.compute = compute
         self.version = version
-        # The output's storage itself, weakly: once the output is freed, a new tensor
-        # allocated at the same address (same key) must not be taken for it.
-        self.storage = storage
-
-    def describes(self, t: torch.Tensor) -> bool:
-        return self.storage() is t.untyped_storage() and self.version == t._version
 
 
 def _key(t: torch.Tensor) -> Tuple[Any, ...]:
@@ -73,13 +65,13 @@ def active() -> bool:
 def offer(out: torch.Tensor, compute: Callable[[], torch.Tensor]) -> None:
     """Register ``out`` as recomputable by ``compute()`` (no-op outside the context)."""
     if _state.depth > 0 and out.numel() > 0:
-        _state.recipes[_key(out)] = _Recipe(compute, out._version, weakref.ref(out.untyped_storage()))
+        _state.recipes[_key(out)] = _Recipe(compute, out._version)
 
 
 def _pack(t: torch.Tensor) -> Any:
     if _state.recipes and isinstance(t, torch.Tensor) and t.numel() > 0:
         recipe = _state.recipes.get(_key(t))
-        if recipe is not None and recipe.describes(t):
+        if recipe is not None and recipe.version == t._version:
             return recipe
     return t
 

@@ -1,10 +1,13 @@
-"""Benchmarks of the two fused ops against eager PyTorch and torch.compile.
+"""Benchmarks of the fused ops against eager PyTorch and torch.compile.
 
 For every shape the soft-mask branch of the networks actually runs (each stage of
 Attention-56/92 at 224x224 and of the CIFAR networks at 32x32), every dtype and memory
 format asked for, and forward / backward / forward+backward, this times:
 
 - ``eager``: resattn_fast.reference.ops (plain PyTorch, what the reference model runs);
+  for ``batch_norm_relu``, ``F.relu(F.batch_norm(...))`` in training mode (batch
+  statistics, running statistics updated), at the headline shape of the residual units'
+  pre-activation (stage 1: 256 channels at 56x56);
 - ``compile``: torch.compile(fullgraph=True, dynamic=False) of that same expression;
 - ``fused``: resattn_fast.ops with ``backend=`` each fused backend asked for (the backend
   is always passed explicitly; one that cannot run here is recorded as skipped with the
@@ -24,13 +27,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .common import Results, shape_str
+from .common import Results, check_backend_ran, shape_str
 from .timing import Deadline, L2Flusher, Stats, measure, measure_interleaved, saved_tensor_bytes
 
-__all__ = ["OpCase", "OpsPlan", "op_cases", "run_ops", "HEADLINE_WHERE"]
+__all__ = ["OpCase", "OpsPlan", "op_cases", "run_ops", "HEADLINE_WHERE", "BATCH_NORM"]
 
 UPSAMPLE = "upsample_bilinear_add"
 ATTENTION = "attention_residual"
+BATCH_NORM = "batch_norm_relu"
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1
 MODES = ("fwd", "bwd", "fwd+bwd")
 HEADLINE_WHERE = "headline"
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
@@ -40,7 +46,8 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 @dataclass(frozen=True)
 class OpCase:
     """One op at one shape. For the upsample, ``in_hw`` is the coarse input's size and
-    ``skip`` says whether a skip tensor of the output's size is added."""
+    ``skip`` says whether a skip tensor of the output's size is added; for
+    batch_norm_relu, ``out_shape`` is x's shape."""
 
     op: str
     where: str  # which network stage (or "headline") runs this shape
@@ -87,8 +94,9 @@ def _net_stage_sizes(net: str, input_size: int) -> List[Tuple[int, int, int]]:
 
 def op_cases(*, imagenet_batch: int, cifar_batch: int, tiny: bool = False) -> List[OpCase]:
     """The shapes of the soft-mask ops in Attention-56/92 (224x224, the same shapes in
-    every ImageNet configuration) and the CIFAR networks (32x32), plus the headline case of
-    the speed targets: a 2x upsample with skip to the stage-1 size 56x56.
+    every ImageNet configuration) and the CIFAR networks (32x32), plus the headline cases of
+    the speed targets: a 2x upsample with skip to the stage-1 size 56x56, and the fused
+    BN-ReLU of a stage-1 residual unit (``imagenet_batch`` x 256 x 56 x 56).
 
     ``tiny`` gives three small cases (for the tests) with the same structure.
     """
@@ -122,8 +130,9 @@ def op_cases(*, imagenet_batch: int, cifar_batch: int, tiny: bool = False) -> Li
                 cases.append(OpCase(ATTENTION, label, batch, ch, (s, s),
                                     headline=(net == "attention56" and si == 1)))
     head = OpCase(UPSAMPLE, HEADLINE_WHERE, imagenet_batch, 256, (56, 56), (28, 28), skip=True, headline=True)
+    bn = OpCase(BATCH_NORM, HEADLINE_WHERE, imagenet_batch, 256, (56, 56), headline=True)
     # Headline cases first: under a time budget they are the ones that must be measured.
-    return [head] + sorted(cases, key=lambda c: not c.headline)
+    return [head] + sorted(cases, key=lambda c: not c.headline) + [bn]
 
 
 @dataclass
@@ -164,7 +173,29 @@ def _make_inputs(case: OpCase, dtype: torch.dtype, layout: str, device: torch.de
         if case.skip:
             xs.append(rnd(case.out_shape))
         return xs
+    if case.op == BATCH_NORM:
+        return _bn_inputs(case, dtype, fmt, device, requires_grad, gen)
     return [rnd(case.out_shape), rnd(case.out_shape)]
+
+
+def _bn_inputs(case: OpCase, dtype: torch.dtype, fmt: torch.memory_format, device: torch.device,
+               requires_grad: bool, gen: torch.Generator) -> List[torch.Tensor]:
+    """[x, weight, bias] of batch_norm_relu: x on a grid of 1/8 (exact in every dtype) and
+    float32 parameters (as under autocast), the bias of each channel placing the ReLU
+    threshold half-way between two grid values for the batch's statistics. No
+    pre-activation then lies within rounding of 0, where eager and fused may legitimately
+    take different sides of the ReLU (a gradient of the order of 1 at that element), so the
+    check against eager compares like with like; the timing does not depend on values."""
+    c = case.c
+    x64 = (torch.randn(*case.out_shape, generator=gen, dtype=torch.float64) * 8).round() / 8
+    w64 = torch.rand(c, generator=gen, dtype=torch.float64) + 0.5
+    mean = x64.mean((0, 2, 3))
+    scale = w64 / (x64.var((0, 2, 3), unbiased=False) + BN_EPS).sqrt()
+    b64 = scale * (mean - ((mean * 8).floor() + 0.5) / 8)
+    x = x64.to(dtype).to(device).contiguous(memory_format=fmt)
+    w = w64.float().to(device)
+    b = b64.float().to(device)
+    return [t.requires_grad_(requires_grad) for t in (x, w, b)]
 
 
 def _impl_fn(case: OpCase, impl: str, backend: str) -> Callable[..., torch.Tensor]:
@@ -172,6 +203,8 @@ def _impl_fn(case: OpCase, impl: str, backend: str) -> Callable[..., torch.Tenso
     import resattn_fast.ops as fused
     from resattn_fast.reference import ops as ref
 
+    if case.op == BATCH_NORM:
+        return _bn_fn(case, impl, backend)
     if case.op == UPSAMPLE:
         hw = list(case.out_hw)
 
@@ -198,11 +231,45 @@ def _impl_fn(case: OpCase, impl: str, backend: str) -> Callable[..., torch.Tenso
     return fn
 
 
+def _bn_fn(case: OpCase, impl: str, backend: str) -> Callable[..., torch.Tensor]:
+    """relu(batch_norm(x)) in training mode with running statistics of its own (updated by
+    every call, as a training step does): eager, torch.compile of eager, or fused."""
+    import torch.nn.functional as F
+
+    import resattn_fast.ops as fused
+
+    running: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def stats(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if x.device not in running:
+            running[x.device] = (torch.zeros(case.c, device=x.device), torch.ones(case.c, device=x.device))
+        return running[x.device]
+
+    if impl == "fused":
+        def bn_fused(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            rm, rv = stats(x)
+            return fused.batch_norm_relu(x, rm, rv, w, b, training=True, momentum=BN_MOMENTUM, eps=BN_EPS,
+                                         backend=backend)
+        return bn_fused
+
+    def bn_eager(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        rm, rv = stats(x)
+        return F.relu(F.batch_norm(x, rm, rv, w, b, True, BN_MOMENTUM, BN_EPS))
+    if impl == "compile":
+        torch._dynamo.reset()  # see _impl_fn
+        return torch.compile(bn_eager, fullgraph=True, dynamic=False)
+    return bn_eager
+
+
 def _bytes(case: OpCase, mode: str, elsize: int) -> int:
     """Bytes an ideal single pass reads plus writes (grad_skip is the incoming gradient
-    itself, so it costs nothing)."""
+    itself, so it costs nothing). batch_norm_relu: x in, out out; backward grad and x in,
+    grad_x out (the per-channel vectors are negligible)."""
     out = math.prod(case.out_shape)
-    if case.op == UPSAMPLE:
+    if case.op == BATCH_NORM:
+        fwd = 2 * out
+        bwd = 3 * out
+    elif case.op == UPSAMPLE:
         inp = math.prod(case.in_shape)
         fwd = inp + out + (out if case.skip else 0)
         bwd = out + inp
@@ -212,13 +279,21 @@ def _bytes(case: OpCase, mode: str, elsize: int) -> int:
     return elsize * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def _tolerances(dtype: torch.dtype) -> Dict[str, float]:
+def _tolerances(dtype: torch.dtype, case: Optional[OpCase] = None, per_channel: bool = False) -> Dict[str, float]:
     # A guard against timing a broken kernel, not a precision test (tests/ does that): eager
     # half-precision rounds after every op, the fused kernels once, so they differ by a
     # few ulps (bfloat16: 2**-8 relative).
     if dtype in (torch.float16, torch.bfloat16):
-        return {"rtol": 5e-2, "atol": 5e-2}
-    return {"rtol": 1e-4, "atol": 1e-4}
+        tol = {"rtol": 5e-2, "atol": 5e-2}
+    else:
+        tol = {"rtol": 1e-4, "atol": 1e-4}
+    if case is not None and case.op == BATCH_NORM and dtype == torch.float32:
+        # Statistics over N*H*W values in float32: eager's own error against float64 reaches
+        # 1e-4 in the output and 3e-3 in grad_weight at the headline shape (channels_last),
+        # and the per-channel gradients are sums of M values, whose rounding grows as sqrt(M).
+        m = case.n * case.out_hw[0] * case.out_hw[1]
+        tol = {"rtol": 1e-3, "atol": 1e-3 * (math.sqrt(m) if per_channel else 1.0)}
+    return tol
 
 
 def _check_against_eager(case: OpCase, fn: Callable[..., torch.Tensor], dtype: torch.dtype,
@@ -235,7 +310,7 @@ def _check_against_eager(case: OpCase, fn: Callable[..., torch.Tensor], dtype: t
     names = ["output"] + [f"grad of input {i}" for i in range(len(a))]
     for name, x, y in zip(names, (ya, *ga), (yb, *gb)):
         try:
-            torch.testing.assert_close(x, y, **_tolerances(dtype))
+            torch.testing.assert_close(x, y, **_tolerances(dtype, case, per_channel=x.dim() == 1))
         except AssertionError as exc:
             detail = " ".join(str(exc).split())[:200]
             raise AssertionError(f"{name} differs from the eager reference, not timed: {detail}") from None
@@ -341,7 +416,10 @@ def _run_case(case: OpCase, impls: List[Tuple[str, str]], dtype: torch.dtype, la
             # First calls (torch.compile compiles its inference and training graphs here)
             # stay out of the timings.
             with torch.no_grad():
-                fn(*xs_ng)
+                if impl == "fused":  # the row names the backend that ran, or is not measured
+                    check_backend_ran(backend, fn, *xs_ng)
+                else:
+                    fn(*xs_ng)
             torch.autograd.grad(fn(*xs), xs, grad_out)
             fns[(impl, backend)] = fn
         except Exception as exc:  # one failing implementation must not end the run

@@ -8,7 +8,7 @@ import os
 import platform
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Callable, Dict, List, Optional, Set
 
 import torch
 
@@ -17,6 +17,8 @@ __all__ = [
     "Row",
     "Skip",
     "Results",
+    "backend_that_ran",
+    "check_backend_ran",
     "device_name",
     "load_average",
     "ensure_package_importable",
@@ -97,6 +99,47 @@ def machine_info(device: torch.device, threads: int) -> Dict[str, str]:
     except Exception:
         info["triton"] = "not importable"
     return info
+
+
+def backend_that_ran(fn: Callable[[], object]) -> str:
+    """Which backend's kernels ``fn()`` ran, read from the dispatcher rather than from the
+    name it was given: ``"cpu"`` / ``"cuda"`` for the C++ ops of ``torch.ops.resattn_fast``
+    (by the tensors' device; the emulated namespace is ``"cuda"`` on CPU tensors),
+    ``"triton"`` for the ``*_triton`` ops, ``"reference"`` when it called none of them
+    (plain PyTorch); several are joined by "+"."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: Set[str] = set()
+
+    def device_of(args: Any) -> str:
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                return a.device.type
+        return "?"
+
+    class _Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            ns = getattr(func, "namespace", "")
+            if ns in ("resattn_fast", "resattn_fast_emulated"):
+                if func.name().split(".")[0].endswith("_triton"):
+                    seen.add("triton")
+                elif ns == "resattn_fast_emulated":
+                    seen.add("cuda")
+                else:
+                    seen.add(device_of(args))
+            return func(*args, **(kwargs or {}))
+
+    with _Spy():
+        fn()
+    return "+".join(sorted(seen)) or "reference"
+
+
+def check_backend_ran(backend: str, fn: Callable[..., object], *args: Any) -> None:
+    """Call ``fn(*args)``; raise unless the kernels of ``backend`` are what ran, so that a
+    row labelled with a backend measures that backend (never a silent fallback)."""
+    ran = backend_that_ran(lambda: fn(*args))
+    if ran != backend:
+        raise RuntimeError(f"asked for backend {backend!r}, but {ran!r} ran")
 
 
 @dataclass

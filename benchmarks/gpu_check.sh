@@ -23,9 +23,13 @@
 # python. Autotune results are cached on disk (TRITON_CACHE_AUTOTUNING=1) and kernels by
 # Triton, so each step reuses what an earlier one compiled and tuned.
 #
-# Exit status: 0 if build, info, correctness and the headline benchmarks passed and no
-# step that ran failed (a step cut short by the budget is reported, not a failure; the
-# roofline never fails the check); 1 otherwise; 2 on usage errors or when no GPU is visible.
+# Exit status and last line ("result: ..."), three outcomes told apart:
+#   0  PASS        every step ran to its end and passed
+#   1  FAIL        a step failed (build, info, a test, a benchmark run; the roofline never
+#                  fails the check), whatever else was or was not run
+#   3  INCOMPLETE  nothing failed, but something was not run: a step not reached or stopped
+#                  by the budget, benchmark rows left out for time (the line names them)
+#   2  usage errors, or no GPU visible.
 # Budget: 9 minutes (GPU_CHECK_BUDGET=530 s for all steps; each *_TIMEOUT caps its step).
 set -uo pipefail
 
@@ -66,6 +70,10 @@ left() { echo $(( TOTAL_BUDGET - $(elapsed) )); }
 slot() { local cap=$1 reserve=$2 l; l=$(( $(left) - reserve )); l=$(( l < cap ? l : cap )); echo $(( l > 0 ? l : 0 )); }
 
 failed=0
+failures=()     # "step" for each step that failed
+not_run=()      # "step: what did not run" for each step cut short or never started
+fail() { failed=1; failures+=("$1"); }
+incomplete() { not_run+=("$1"); }
 build_status="not reached"; info_status="not reached"; correct_status="not reached"
 headline_status="not reached"; tests_status="not reached"; bench_status="not reached"
 roofline_status="not reached"
@@ -146,7 +154,7 @@ if [[ $rc -eq 0 ]]; then
   build_status="ok (${build_time}s$([[ $with_cuda -eq 0 ]] && echo '; CPU kernels only: no nvcc'))"
 else
   build_status="FAILED (exit $rc$([[ $rc -eq 124 ]] && echo ': timed out'), ${build_time}s; see build.log)"
-  failed=1
+  fail build
   tail -n 30 "$OUT/build.log"
 fi
 log "build: $build_status"
@@ -162,7 +170,7 @@ rc=$?
 cat "$OUT/info.txt"
 if [[ $rc -ne 0 ]]; then
   info_status="FAILED (resattn info exit $rc)"
-  failed=1
+  fail info
 elif "$PY" - "$with_cuda" >> "$OUT/info.txt" 2>&1 <<'PY'
 import sys
 import resattn_fast
@@ -177,7 +185,7 @@ then
   info_status="ok ($([[ $with_cuda -eq 1 ]] && echo 'CUDA kernels registered' || echo 'no CUDA kernels: no nvcc'); Triton available)"
 else
   info_status="FAILED (a GPU backend is missing; see info.txt)"
-  failed=1
+  fail info
 fi
 log "info: $info_status"
 
@@ -189,7 +197,7 @@ CORRECT_K="stage1_full_size or opcheck or compile_fullgraph or cuda_kernels_regi
 t=$(slot "$CORRECT_TIMEOUT" 50)
 if (( t < 30 )); then
   correct_status="NOT REACHED (${t}s left for it)"
-  failed=1
+  incomplete "correctness (not reached)"
 else
   log "correctness pass at the headline shapes (${t}s)"
   t0=$(date +%s)
@@ -199,10 +207,10 @@ else
     correct_status="ok: $np passed, $ns skipped (${dt}s)"
   elif [[ $rc -eq 124 ]]; then
     correct_status="TIMED OUT after ${t}s: $np passed, $nf failed before it; the rest not reached (see correctness.log)"
-    failed=1
+    if (( nf > 0 )); then fail correctness; else incomplete "correctness (stopped at ${t}s after $np tests)"; fi
   else
     correct_status="FAILED: $np passed, $nf failed, $ns skipped (pytest exit $rc, ${dt}s; see correctness.log)"
-    failed=1
+    fail correctness
   fi
 fi
 log "correctness: $correct_status"
@@ -211,7 +219,7 @@ log "correctness: $correct_status"
 t=$(slot "$HEADLINE_TIMEOUT" 0)
 if (( t < 30 )); then
   headline_status="NOT REACHED (${t}s left for it)"
-  failed=1
+  incomplete "headline benchmarks (not reached)"
 else
   log "headline benchmarks (${t}s)"
   t0=$(date +%s)
@@ -223,10 +231,10 @@ else
     headline_status="ok (${dt}s; headline/report.md)"
   elif [[ $rc -eq 124 ]]; then
     headline_status="TIMED OUT after ${t}s (see headline.log)"
-    failed=1
+    incomplete "headline benchmarks (stopped at ${t}s)"
   else
     headline_status="FAILED (exit $rc after ${dt}s; see headline.log)"
-    failed=1
+    fail "headline benchmarks"
   fi
   tail -n 10 "$OUT/headline.log"
 fi
@@ -236,6 +244,7 @@ log "headline benchmarks: $headline_status"
 t=$(slot "$TESTS_TIMEOUT" 100)
 if (( t < 30 )); then
   tests_status="not reached (${t}s left for it)"
+  incomplete "GPU tests (not reached)"
 else
   log "the other GPU tests (${t}s)"
   t0=$(date +%s)
@@ -245,10 +254,11 @@ else
     tests_status="ok: $np passed, $ns skipped (${dt}s)"
   elif [[ $rc -eq 124 ]]; then
     tests_status="INCOMPLETE: stopped at the ${t}s limit with $np passed, $nf failed, $ns skipped; the rest not reached (see tests.log)"
-    (( nf > 0 )) && failed=1
+    if (( nf > 0 )); then fail "GPU tests"; fi
+    incomplete "GPU tests (stopped at ${t}s after $np passed, $nf failed)"
   else
     tests_status="FAILED: $np passed, $nf failed, $ns skipped (pytest exit $rc, ${dt}s; see tests.log)"
-    failed=1
+    fail "GPU tests"
   fi
 fi
 log "tests: $tests_status"
@@ -257,6 +267,7 @@ log "tests: $tests_status"
 t=$(slot 100000 "$(( ROOFLINE_TIMEOUT / 2 ))")
 if (( t < 60 )); then
   bench_status="not reached (${t}s left for it)"
+  incomplete "benchmark suite (not reached)"
 else
   # The suite's own budgets stop it in time and record the rows it skips (skipped.csv).
   ops_b=$(( (t - 30) * 2 / 5 )); models_b=$(( (t - 30) * 3 / 5 ))
@@ -267,13 +278,19 @@ else
   rc=$?
   dt=$(( $(date +%s) - t0 ))
   nskip=$( [[ -f "$OUT/skipped.csv" ]] && echo $(( $(wc -l < "$OUT/skipped.csv") - 1 )) || echo "?")
+  # Rows the suite's budget cut (skipped.csv says "time budget"), unlike rows left out
+  # because a backend is not available here or by the run's plan.
+  ntime=0
+  [[ -f "$OUT/skipped.csv" ]] && ntime=$(grep -c "time budget" "$OUT/skipped.csv")
   if [[ $rc -eq 0 ]]; then
-    bench_status="ok (${dt}s; rows left out for time or availability: $nskip, see skipped.csv)"
+    bench_status="ok (${dt}s; rows left out: $nskip, $ntime of them for time, see skipped.csv)"
+    (( ntime > 0 )) && incomplete "benchmark suite ($ntime rows left out for time)"
   elif [[ $rc -eq 124 ]]; then
     bench_status="INCOMPLETE: stopped at the ${t}s limit (see bench.log)"
+    incomplete "benchmark suite (stopped at ${t}s)"
   else
     bench_status="FAILED (exit $rc after ${dt}s; see bench.log)"
-    failed=1
+    fail "benchmark suite"
   fi
   tail -n 10 "$OUT/bench.log"
 fi
@@ -285,8 +302,10 @@ log "bench: $bench_status"
 t=$(slot "$ROOFLINE_TIMEOUT" 0)
 if [[ ! -f "$OUT/results.csv" ]]; then
   roofline_status="not reached (no measured results.csv)"
+  incomplete "roofline (not reached)"
 elif (( t < 20 )); then
   roofline_status="not reached (${t}s left for it)"
+  incomplete "roofline (not reached)"
 else
   log "roofline calibration (${t}s)"
   t0=$(date +%s)
@@ -298,6 +317,7 @@ else
     roofline_status="ok (${dt}s; roofline/)"
   elif [[ $rc -eq 124 ]]; then
     roofline_status="not finished: stopped at the ${t}s limit (see roofline.log)"
+    incomplete "roofline (stopped at ${t}s)"
   else
     roofline_status="failed (exit $rc after ${dt}s; see roofline.log)"
   fi
@@ -364,6 +384,15 @@ for op in ("upsample_bilinear_add", "attention_residual"):
 print("\n".join(lines[:13]) if len(lines) > 1 else "  (no fused-op rows in results.csv)")
 PY
 )
+join() { local IFS=";"; echo "$*" | sed 's/;/; /g'; }
+if (( failed )); then
+  status=1; verdict="FAIL: $(join "${failures[@]}")"
+  (( ${#not_run[@]} )) && verdict+=" (also not run: $(join "${not_run[@]}"))"
+elif (( ${#not_run[@]} )); then
+  status=3; verdict="INCOMPLETE: not run: $(join "${not_run[@]}")"
+else
+  status=0; verdict="PASS (every step ran and passed)"
+fi
 echo
 {
   echo "================ gpu_check summary ================"
@@ -378,7 +407,8 @@ echo
   echo "speedups:"
   echo "${speedups:-  (could not read $RESULTS)}"
   echo "outputs:     $OUT (summary.txt, build.log, info.txt, correctness.log, headline/, tests.log, junit.xml, bench.log, results.csv, report.md, *.png, roofline/)"
-  echo "total:       $(elapsed)s of ${TOTAL_BUDGET}s; result: $([[ $failed -eq 0 ]] && echo PASS || echo FAIL)"
+  echo "total:       $(elapsed)s of ${TOTAL_BUDGET}s"
+  echo "result: $verdict"
 } | tee "$OUT/summary.txt"
 cd "$ROOT" || true
-exit "$failed"
+exit "$status"

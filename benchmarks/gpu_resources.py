@@ -1,16 +1,19 @@
 """Registers, spills and shared memory of every GPU kernel, compiled ahead of time (no GPU).
 
     python benchmarks/gpu_resources.py [--arch 80,90] [--part all|triton|cuda]
-                                       [--jobs N] [--json FILE] [--hot]
+                                       [--jobs N] [--json FILE] [--hot] [--kernels REGEX]
 
 Triton: every ``@triton.jit`` kernel of ``resattn_fast/ops/triton`` is compiled by Triton's
 own compiler for each target (``triton.compile(ASTSource(...), target=GPUTarget("cuda",
 arch, 32))``) in every specialization its launcher can produce: each autotune config
 (BLOCK, num_warps, num_stages) the autotuner may try (after its own pruning) x each dtype (float32, float16, bfloat16, float64; the
 kernel's IS_FP64 follows it) x every value of its other boolean constexpr flags
-(CHANNELS_LAST, HAS_SKIP, ALIGN, INT64, ...). Pointers carry the 16-byte alignment hint of
-a fresh PyTorch allocation; integers are not specialized (the general case); with INT64
-the element count is a 64-bit integer, as it is for tensors over 2**31 elements. Plus,
+(CHANNELS_LAST, HAS_SKIP, ALIGN, INT64, TRAINING, ...). Pointers carry the 16-byte
+alignment hint of a fresh PyTorch allocation and the dtype the launcher passes: the
+tensor's, except for per-channel workspaces and statistics (the accumulation type: float32,
+float64 for float64) and batch-norm parameters (float32, as under autocast; float64 for
+float64); integers are not specialized (the general case); with INT64 the element counts
+are 64-bit integers, as they are for tensors over 2**31 elements. Plus,
 per kernel, the specialization Triton makes of integer arguments equal to 1 (every size
 and stride 1, flags all off and all on, float32, first config), which turns them into
 constants.
@@ -70,18 +73,27 @@ __all__ = [
 ]
 
 TRITON_MODULES = ("resattn_fast.ops.triton.upsample_bilinear_add",
-                  "resattn_fast.ops.triton.attention_residual")
+                  "resattn_fast.ops.triton.attention_residual",
+                  "resattn_fast.ops.triton.batch_norm_relu")
 DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
-# The element-count arguments of each kernel (the count and its size class): 64-bit in
-# the INT64 specialization.
-COUNT_ARGS = ("total", "numel", "size_cls")
+# The element-count arguments of each kernel (the count and its size class; per-channel
+# element counts and chunk lengths): 64-bit in the INT64 specialization.
+COUNT_ARGS = ("total", "numel", "size_cls", "M", "CHUNK")
 # Scalar float arguments (Triton passes Python floats as float32).
-FLOAT_ARGS = ("scale_h32", "scale_w32")
-# Scalar int64 arguments (the bits of a float64 scale).
-INT64_ARGS = ("scale_h64", "scale_w64")
+FLOAT_ARGS = ("scale_h32", "scale_w32", "eps32", "momentum32")
+# Scalar int64 arguments (the bits of a float64 scalar).
+INT64_ARGS = ("scale_h64", "scale_w64", "eps64", "momentum64")
+# Pointers in the accumulation type (float32; float64 for float64 tensors): per-channel
+# workspaces and statistics.
+ACC_PTR_ARGS = ("pmean_ptr", "pm2_ptr", "par_ptr", "pdy_ptr", "pdyx_ptr", "coef_ptr",
+                "mean_ptr", "var_ptr")
+# Batch-norm parameters, running statistics and their gradients: float32 (autocast's
+# parameters of half tensors; float64 for float64).
+PARAM_PTR_ARGS = ("w_ptr", "b_ptr", "rm_ptr", "rv_ptr", "gw_ptr", "gb_ptr")
 # What the headline benchmarks run (--hot): stage-1 shapes, skip, align_corners=True,
 # 32-bit offsets, float32 and bfloat16, NCHW and channels_last.
-HOT = {"HAS_SKIP": True, "ALIGN": True, "INT64": False}
+HOT = {"HAS_SKIP": True, "ALIGN": True, "INT64": False, "TRAINING": True, "HAS_W": True,
+       "HAS_B": True}
 HOT_DTYPES = ("float32", "bfloat16")
 
 REGS_PER_SM = 65536
@@ -198,6 +210,8 @@ def _variant(module: str, name: str, fn: Any, cfg: Any, dtype: str, flags: List[
     for p in fn.params:
         if p.is_constexpr:
             sig[p.name] = "constexpr"
+        elif p.name in ACC_PTR_ARGS or p.name in PARAM_PTR_ARGS:
+            sig[p.name] = "*fp64" if dtype == "float64" else "*fp32"
         elif p.name.endswith("_ptr"):
             sig[p.name] = "*" + DTYPES[dtype]
         elif p.name in FLOAT_ARGS:
@@ -213,11 +227,14 @@ def _variant(module: str, name: str, fn: Any, cfg: Any, dtype: str, flags: List[
     return TritonVariant(module, name, sig, const, cfg.num_warps, cfg.num_stages, " ".join(parts))
 
 
-def triton_variants() -> List[TritonVariant]:
-    """Every specialization the launchers can produce (see the module docstring)."""
+def triton_variants(kernels: Optional[str] = None) -> List[TritonVariant]:
+    """Every specialization the launchers can produce (see the module docstring), of the
+    kernels whose name matches the regular expression ``kernels`` (all if None)."""
     variants: List[TritonVariant] = []
     for module in TRITON_MODULES:
         for name, fn, cfgs, prune in _jit_kernels(module):
+            if kernels and not re.search(kernels, name):
+                continue
             flags = [p.name for p in fn.params if p.is_constexpr
                      and p.name != "IS_FP64" and all(p.name not in c.kwargs for c in cfgs)]
             for dtype, values in itertools.product(
@@ -231,8 +248,8 @@ def triton_variants() -> List[TritonVariant]:
                                              {**flag_const, **cfg.kwargs}))
             # Triton turns integer arguments equal to 1 (sizes, strides) into constants,
             # which breaks code that calls tensor methods on them: compile that case
-            # too, every such argument 1, all flags off and all on.
-            for flag_value in (False, True):
+            # too, every such argument 1, all flags off and all on (once if no flags).
+            for flag_value in (False, True) if flags else (False,):
                 base = next(v for v in variants if v.name == name and v.spec.split()[1] == "float32"
                             and all(v.constexprs[f] == flag_value for f in flags))
                 sig = dict(base.signature)
@@ -286,10 +303,12 @@ def _compile_one(args: Tuple[TritonVariant, int]) -> Row:
     return row
 
 
-def triton_rows(archs: Sequence[int], jobs: int = 0, hot_only: bool = False) -> List[Row]:
-    """Compile every Triton variant for every arch (``jobs`` worker processes; 0: one per
-    CPU) and return one Row each, in a stable order."""
-    variants = [v for v in triton_variants() if not hot_only or _is_hot(v)]
+def triton_rows(archs: Sequence[int], jobs: int = 0, hot_only: bool = False,
+                kernels: Optional[str] = None) -> List[Row]:
+    """Compile every Triton variant (of the kernels matching ``kernels``) for every arch
+    (``jobs`` worker processes; 0: one per CPU) and return one Row each, in a stable
+    order."""
+    variants = [v for v in triton_variants(kernels) if not hot_only or _is_hot(v)]
     work = [(v, a) for v in variants for a in archs]
     jobs = jobs or os.cpu_count() or 1
     if jobs == 1:
@@ -426,13 +445,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
     parser.add_argument("--hot", action="store_true",
                         help="only the specializations the headline benchmarks run")
+    parser.add_argument("--kernels", metavar="REGEX",
+                        help="only the Triton kernels whose name matches REGEX")
     args = parser.parse_args(argv)
     if args.jobs < 0:
         parser.error("--jobs must be >= 0")
     t0 = time.perf_counter()
     rows: List[Row] = []
     if args.part in ("all", "triton"):
-        rows += triton_rows(args.arch, args.jobs, args.hot)
+        rows += triton_rows(args.arch, args.jobs, args.hot, args.kernels)
     if args.part in ("all", "cuda"):
         crow = cuda_rows()
         if not crow:

@@ -9,6 +9,7 @@
 
 #include <string>
 
+#include "cpu/dispatch.h"
 #include "schemas.h"
 
 #ifndef RESATTN_CUDA_ARCHS
@@ -32,6 +33,15 @@ py::dict build_info() {
   info["cuda_archs"] = std::string(RESATTN_CUDA_ARCHS);
   info["cuda_version"] = std::string(RESATTN_CUDA_VERSION);
   info["torch_version"] = std::string(TORCH_VERSION);
+  // The CPU kernel table chosen at run time (capped by ATEN_CPU_CAPABILITY): "DEFAULT",
+  // "AVX2" or "AVX512".
+  info["cpu_isa"] = std::string(resattn::cpu::cpu_kernels().isa);
+  py::list built;  // the tables this compiler could build, whether or not this CPU runs them
+  for (const auto* k : {resattn::cpu::kernels_default(), resattn::cpu::kernels_avx2(),
+                        resattn::cpu::kernels_avx512()}) {
+    if (k != nullptr) built.append(std::string(k->isa));
+  }
+  info["cpu_isas_built"] = built;
   return info;
 }
 

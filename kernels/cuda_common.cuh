@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 
 #ifdef RESATTN_CUDA_EMULATION
@@ -108,10 +109,15 @@ inline unsigned int num_blocks(int64_t work, int threads = kThreads) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(wave, needed)));
 }
 
-// 32-bit index math (much cheaper divisions) whenever every offset fits.
+// 32-bit index math (much cheaper divisions) whenever every offset fits: the element
+// count and the storage span (one past the largest offset, which exceeds the count for a
+// view with gaps) both at most 2^31 - 1, as needs_int64 decides for the Triton kernels.
 inline bool fits_int32(const at::Tensor& t) {
-  return !force_int64_index() &&
-         t.numel() <= static_cast<int64_t>(std::numeric_limits<int32_t>::max());
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  if (force_int64_index() || t.numel() > kMax) return false;
+  int64_t span = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * std::abs(t.stride(d));
+  return t.numel() == 0 || span <= kMax;
 }
 
 // Runs `body` with `index_t` bound to int32_t or int64_t.

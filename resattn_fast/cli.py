@@ -1,4 +1,4 @@
-"""The `resattn` command: info, train, masks, eval, export (`python -m resattn_fast` is the same)."""
+"""The `resattn` command: info, train, masks, eval, export, plan (`python -m resattn_fast` is the same)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"triton       missing: {why}")
     if info["loaded"]:
         print("extension    resattn_fast._C loaded")
-        print(f"  cpu kernels   {'yes' if info['cpu_kernels'] else 'no'}")
+        isa = f" ({info['cpu_isa']} kernel table)" if info.get("cpu_isa") else ""
+        print(f"  cpu kernels   {'yes' + isa if info['cpu_kernels'] else 'no'}")
         if info["cuda_kernels"]:
             print(f"  cuda kernels  yes (CUDA {info['cuda_version']}, archs {info['cuda_archs']})")
         else:
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_export = sub.add_parser("export", help="write a checkpoint as onnx, pt2 or safetensors")
     export_command.add_arguments(p_export)
     p_export.set_defaults(func=export_command.run)
+    from . import plan as plan_command
+
+    p_plan = sub.add_parser("plan", help="per checkpointing mode: the largest batch that fits on a GPU and the "
+                                         "predicted images/s (roofline model)")
+    plan_command.add_arguments(p_plan)
+    p_plan.set_defaults(func=plan_command.run)
     return parser
 
 

@@ -5,14 +5,18 @@ first imported: it is set here, before any test module imports resattn_fast, whe
 is visible (on a GPU machine the real compiler runs them).
 
 RESATTN_REQUIRE_BACKENDS=cpu,triton,cuda (set by .ci/run) turns "backend not available"
-from a skip into a failure, so CI cannot pass with a kernel silently missing. On CPU
+from a skip into a failure, so CI cannot pass with a kernel silently missing; it does the
+same for the optional packages the tests import with ``require_module`` (onnxruntime,
+onnxscript, safetensors: CI installs them with the [test] extra). On CPU
 tensors, backend "cuda" is the CUDA kernels under the emulation of CUDA's execution model
 (a build with RESATTN_BUILD_CUDA_EMULATION=1).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 
 import torch
 
@@ -40,6 +44,17 @@ def require_backend(backend: str, device: str = "cpu") -> None:
     if backend in REQUIRED:
         pytest.fail(f"backend {backend!r} is required (RESATTN_REQUIRE_BACKENDS) but unavailable: {why}")
     pytest.skip(f"backend {backend!r} unavailable: {why}")
+
+
+def require_module(name: str) -> ModuleType:
+    """``pytest.importorskip(name)``, except that under RESATTN_REQUIRE_BACKENDS (CI) a
+    missing optional package fails the test: the checks that need it cannot vanish quietly."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if REQUIRED:
+            pytest.fail(f"{name} is required here (RESATTN_REQUIRE_BACKENDS is set) but cannot be imported: {exc}")
+        pytest.skip(f"{name} is not installed: {exc}")
 
 
 @pytest.fixture

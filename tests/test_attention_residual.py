@@ -1,8 +1,10 @@
 """attention_residual: every fused backend against the float64 reference.
 
 (1 + sigmoid(m)) * f, forward and both gradients, every dtype, NCHW / channels_last /
-non-contiguous and mixed layouts, odd sizes, large |logits|; gradcheck, opcheck,
-saved tensors (only the two inputs).
+non-contiguous and mixed layouts, odd sizes, large |logits|, an empty batch; gradcheck,
+opcheck, saved tensors (only the two inputs). Non-contiguous means both a permuted dense
+tensor ("strided": no gaps) and a slice of a wider tensor ("sliced": gaps between rows,
+between channels and before the first element).
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
         return t.contiguous(memory_format=torch.channels_last)
     if layout == "strided":
         return t.transpose(2, 3).contiguous().transpose(2, 3)  # same shape, H and W swapped strides
+    if layout == "sliced":  # every other channel, columns 1..W of W + 3: gaps in memory
+        n, c, h, w = t.shape
+        wide = torch.full((n, 2 * c, h, w + 3), float("nan"), dtype=t.dtype)
+        view = wide[:, ::2, :, 1:w + 1]
+        view.copy_(t)
+        assert not view.is_contiguous() and not view.is_contiguous(memory_format=torch.channels_last)
+        return view
     return t.contiguous()
 
 
@@ -65,8 +74,9 @@ def test_shapes_float32(backend, shape):
 @pytest.mark.parametrize("backend", CPU_FUSED)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layouts", [("nchw", "nchw"), ("channels_last", "channels_last"),
-                                     ("strided", "strided"), ("nchw", "channels_last"),
-                                     ("channels_last", "nchw")], ids="-".join)
+                                     ("strided", "strided"), ("sliced", "sliced"), ("nchw", "channels_last"),
+                                     ("channels_last", "nchw"), ("sliced", "channels_last"),
+                                     ("nchw", "sliced")], ids="-".join)
 def test_dtypes_layouts(backend, dtype, layouts):
     _check(backend, (2, 5, 6, 7), dtype, *layouts)
 
@@ -83,6 +93,19 @@ def test_not_4d(backend):
     """The op is elementwise: 2-D and 5-D inputs work too."""
     _check(backend, (7, 13), torch.float32, "nchw", "nchw")
     _check(backend, (2, 3, 2, 3, 5), torch.float32, "nchw", "nchw")
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_empty_batch(backend, layout):
+    """N = 0: empty output and empty gradients, forward and backward."""
+    require_backend(backend)
+    m = _layout(torch.randn(0, 3, 4, 5), layout).requires_grad_(True)
+    f = _layout(torch.randn(0, 3, 4, 5), layout).requires_grad_(True)
+    out = ops.attention_residual(m, f, backend=backend)
+    assert out.shape == (0, 3, 4, 5) and out.dtype == f.dtype
+    out.backward(torch.ones_like(out))
+    assert m.grad.shape == m.shape and f.grad.shape == f.shape
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)

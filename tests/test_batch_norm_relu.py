@@ -30,7 +30,7 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
         return t.contiguous(memory_format=torch.channels_last)
     if layout == "sliced":
         # A view with gaps in memory: every other column of a wider tensor.
-        wide = torch.zeros(t.shape[0], t.shape[1], t.shape[2], 2 * t.shape[3], dtype=t.dtype)
+        wide = torch.zeros(t.shape[0], t.shape[1], t.shape[2], 2 * t.shape[3], dtype=t.dtype, device=t.device)
         wide[..., ::2] = t
         return wide[..., ::2]
     return t.contiguous()
@@ -71,10 +71,11 @@ def _ref(x, rm, rv, w, b, training, momentum, eps, identity=False):
     return (out, x) if identity else out
 
 
-def _check(backend, shape, dtype, layout, training=True, affine=True, identity=False):
-    require_backend(backend)
-    x64, w64, b64, rm64, rv64, g64 = _inputs(shape, dtype, affine)
-    gid64 = torch.randn(shape, dtype=torch.float64).to(dtype).double() if identity else None
+def _check(backend, shape, dtype, layout, training=True, affine=True, identity=False, device="cpu"):
+    require_backend(backend, device)
+    x64, w64, b64, rm64, rv64, g64 = (None if t is None else t.to(device)
+                                      for t in _inputs(shape, dtype, affine))
+    gid64 = torch.randn(shape, dtype=torch.float64).to(dtype).double().to(device) if identity else None
     pdt = _param_dtype(dtype)
 
     def cast(t):
@@ -365,3 +366,68 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(xc.grad, xe.grad)
     torch.testing.assert_close(rm_c, rm_e)
     torch.testing.assert_close(rv_c, rv_e)
+
+
+# On a GPU (benchmarks/gpu_check.sh): the CUDA and Triton kernels, compiled for the device.
+GPU_BACKENDS = ("cuda", "triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gpu_dtypes_layouts(backend, dtype, layout, training):
+    for shape in ((2, 5, 6, 7), (8, 64, 28, 28), (4, 17, 1, 1)):
+        _check(backend, shape, dtype, layout, training=training, device="cuda")
+    _check(backend, (4, 33, 9, 9), dtype, layout, training=training, identity=True, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gpu_stage1_full_size_bit_identical(backend, layout):
+    """The headline shape (batch 16 here): float32 against float64, and two runs bit-identical."""
+    require_backend(backend, "cuda")
+    _check(backend, (16, 256, 56, 56), torch.float32, layout, device="cuda")
+    x = _layout(torch.randn(16, 256, 56, 56, device="cuda") * 2 + 1, layout)
+    fwd, bwd, _ = ops._bn_ops(backend, x.device)
+    w, b = torch.rand(256, device="cuda") + 0.5, torch.randn(256, device="cuda")
+    r1, r2 = fwd(x, w, b, None, None, True, EPS), fwd(x, w, b, None, None, True, EPS)
+    assert all(torch.equal(a, c) for a, c in zip(r1, r2))
+    g = torch.randn_like(x)
+    b1 = bwd(g, x, w, b, r1[1], r1[2], True, EPS, None, True)
+    b2 = bwd(g, x, w, b, r1[1], r1[2], True, EPS, None, True)
+    assert all(torch.equal(a, c) for a, c in zip(b1, b2))
+    assert torch.equal(fwd(x, w, b, r1[1], r1[2], False, EPS)[0], r1[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_opcheck_and_compile(backend):
+    require_backend(backend, "cuda")
+    fwd, bwd, upd = ops._bn_ops(backend, torch.device("cuda"))
+    x = torch.randn(2, 3, 4, 5, device="cuda")
+    w, b = torch.rand(3, device="cuda") + 0.5, torch.randn(3, device="cuda")
+    torch.library.opcheck(fwd, (x, w, b, None, None, True, EPS))
+    _, mean, var = fwd(x, w, b, None, None, True, EPS)
+    torch.library.opcheck(bwd, (torch.randn_like(x), x, w, b, mean, var, True, EPS, torch.randn_like(x), True))
+    torch.library.opcheck(upd, (torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"), mean, var, 0.1, 40))
+    torch._dynamo.reset()
+
+    def fn(x, rm, rv):
+        out, ident = ops.batch_norm_relu(x, rm, rv, w, b, True, 0.1, EPS, identity=True, backend=backend)
+        return out * 2 + ident
+
+    xe = x.clone().requires_grad_(True)
+    xc = x.clone().requires_grad_(True)
+    rms = [torch.zeros(3, device="cuda") for _ in range(2)]
+    rvs = [torch.ones(3, device="cuda") for _ in range(2)]
+    eager = fn(xe, rms[0], rvs[0])
+    compiled = torch.compile(fn, fullgraph=True)(xc, rms[1], rvs[1])
+    torch.testing.assert_close(compiled, eager)
+    eager.sum().backward()
+    compiled.sum().backward()
+    torch.testing.assert_close(xc.grad, xe.grad)
+    torch.testing.assert_close(rms[1], rms[0])
+    torch.testing.assert_close(rvs[1], rvs[0])

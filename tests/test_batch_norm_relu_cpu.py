@@ -125,7 +125,7 @@ def _check(shape, dtype, layout, training, *, affine=True, residual=False, param
             assert_matches(got, exp, pd, eager, f"{name} {tag}")
             continue
         span = max(1.0, exp.abs().max().item())
-        torch.testing.assert_close(got.double(), exp, atol=rt * span, rtol=rt, msg=lambda m: f"{name} {tag}: {m}")
+        torch.testing.assert_close(got.double(), exp, atol=rt * span, rtol=rt, msg=lambda m, name=name: f"{name} {tag}: {m}")
 
     want_cl = (layout == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1)
     if want_cl:

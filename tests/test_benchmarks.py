@@ -1,5 +1,6 @@
 """The benchmark suite (benchmarks/): a tiny CPU run writes results.csv, report.md and the
-plots with eager, torch.compile and a fused row in both suites; its helpers (percentiles,
+plots with eager, torch.compile and a fused row (the cpu backend's kernels, and the row
+says so) in both suites; its helpers (the dispatcher's record of the backend that ran, percentiles,
 saved-tensor accounting, the largest-batch search, the report's verdicts) do what they say.
 
 Numbers are checked for shape and sanity only (finite, positive, ordered): timings belong
@@ -17,6 +18,7 @@ from typing import Dict, List
 
 import pytest
 import torch
+from conftest import require_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # benchmarks/ lives beside the package, not inside it
@@ -24,7 +26,7 @@ if ROOT not in sys.path:  # benchmarks/ lives beside the package, not inside it
 
 from benchmarks import run as bench_run  # noqa: E402
 from benchmarks.bench_models import bracket_search  # noqa: E402
-from benchmarks.common import CSV_COLUMNS, Results  # noqa: E402
+from benchmarks.common import CSV_COLUMNS, Results, backend_that_ran  # noqa: E402
 from benchmarks.report import headline_lines  # noqa: E402
 from benchmarks.timing import percentiles, saved_tensor_bytes  # noqa: E402
 
@@ -36,13 +38,14 @@ def _read_csv(path: str) -> List[Dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """One tiny run of both suites: eager, compile and the reference backend as the
-    "fused" row (always available, so the test does not depend on a compiler)."""
+    """One tiny run of both suites: eager, compile and the cpu backend's kernels as the
+    "fused" row (the harness checks that they are what ran)."""
+    require_backend("cpu")
     out = str(tmp_path_factory.mktemp("bench"))
     threads = torch.get_num_threads()
     try:
         rc = bench_run.main(["--suite", "all", "--device", "cpu", "--tiny", "--threads", "1",
-                             "--backends", "reference", "--layouts", "nchw", "--out", out])
+                             "--backends", "cpu", "--layouts", "nchw", "--out", out])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
@@ -79,11 +82,16 @@ def test_tiny_run_covers_implementations_suites_and_metrics(tiny_run: str) -> No
     ops = [r for r in rows if r["suite"] == "ops" and r["name"] != "copy"]
     models = [r for r in rows if r["suite"] == "models"]
     assert {(r["impl"], r["backend"]) for r in ops} >= {
-        ("eager", "reference"), ("compile", "inductor"), ("fused", "reference")}
+        ("eager", "reference"), ("compile", "inductor"), ("fused", "cpu")}
+    # every fused row names the backend that ran (the harness refuses to time another one)
+    assert {r["backend"] for r in ops if r["impl"] == "fused"} == {"cpu"}
+    skipped = os.path.join(tiny_run, "skipped.csv")
+    not_measured = [s for s in (_read_csv(skipped) if os.path.exists(skipped) else []) if s["impl"] == "fused"]
+    assert not not_measured, [(s["name"], s["backend"], s["reason"]) for s in not_measured]
     assert {r["name"] for r in ops} == {"upsample_bilinear_add", "attention_residual"}
     assert {r["mode"] for r in ops} >= {"fwd", "bwd", "fwd+bwd"}
     assert {r["metric"] for r in ops} >= {"time", "bandwidth", "bw_vs_copy", "saved_bytes"}
-    assert {r["impl"] for r in models} >= {"reference", "fast"}
+    assert {(r["impl"], r["backend"]) for r in models} >= {("reference", "reference"), ("fast", "cpu")}
     assert {r["mode"] for r in models} == {"train", "infer"}
     assert {r["metric"] for r in models} >= {"time", "throughput", "saved_bytes"}
     # The copy baseline the bandwidth ratios refer to is in the same file.
@@ -107,6 +115,41 @@ def test_an_unavailable_backend_is_recorded_as_skipped(tmp_path: str, no_cuda_em
     skipped = _read_csv(os.path.join(tmp_path, "skipped.csv"))
     assert any(s["backend"] == "cuda" and "CUDA" in s["reason"] for s in skipped)
     assert "Not measured" in open(os.path.join(tmp_path, "report.md")).read()
+
+
+def test_backend_that_ran_reads_the_dispatcher() -> None:
+    from resattn_fast import ops
+    from resattn_fast.ops import available_backends
+
+    x, s = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 5, 6)
+    assert backend_that_ran(lambda: ops.upsample_bilinear_add(x, s, backend="reference")) == "reference"
+    for b in ("cpu", "cuda", "triton"):
+        if b in available_backends("cpu"):
+            assert backend_that_ran(lambda b=b: ops.upsample_bilinear_add(x, s, backend=b)) == b
+            assert backend_that_ran(lambda b=b: ops.attention_residual(s, s, backend=b)) == b
+
+
+def test_a_fused_row_that_ran_another_backend_is_not_measured(tmp_path: str, monkeypatch) -> None:
+    """A fused function that falls back to the reference is recorded as skipped, with the
+    reason, instead of being timed under the name of the backend it was asked for."""
+    require_backend("cpu")
+    from resattn_fast import ops
+    from resattn_fast.reference import ops as ref
+
+    monkeypatch.setattr(ops, "attention_residual", lambda m, f, backend=None: ref.attention_residual(m, f))
+    threads = torch.get_num_threads()
+    try:
+        rc = bench_run.main(["--suite", "ops", "--device", "cpu", "--tiny", "--threads", "1", "--no-compile",
+                             "--backends", "cpu", "--layouts", "nchw", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    rows = _read_csv(os.path.join(tmp_path, "results.csv"))
+    fused = {r["name"] for r in rows if r["impl"] == "fused"}
+    assert fused == {"upsample_bilinear_add"}, fused
+    skipped = _read_csv(os.path.join(tmp_path, "skipped.csv"))
+    assert any(s["name"] == "attention_residual" and s["backend"] == "cpu"
+               and "asked for backend 'cpu', but 'reference' ran" in s["reason"] for s in skipped), skipped
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path: str, capsys: pytest.CaptureFixture) -> None:

@@ -19,6 +19,7 @@ from typing import Iterator, List
 
 import pytest
 import torch
+from _tolerance import assert_matches
 from conftest import require_backend
 
 from resattn_fast import _ext, ops
@@ -59,6 +60,29 @@ def _offset(t: torch.Tensor, elements: int = 1, memory_format=torch.contiguous_f
     return out
 
 
+def _reference_grads(fn, inputs, g):
+    """``fn(*inputs)`` and the gradients of the inputs that require them, by autograd."""
+    out = fn(*inputs)
+    out.backward(g)
+    return [out.detach()] + [t.grad for t in inputs if t is not None and t.requires_grad]
+
+
+def _check(got, fn_ref, inputs, g, what):
+    """``got`` (the kernel's output and input gradients) vs the float64 reference; for
+    half types within twice the error of eager PyTorch in the same dtype (tests/_tolerance.py)."""
+    dtype = g.dtype
+
+    def leaves(cast):
+        return [None if t is None else cast(t.detach()).requires_grad_(t.requires_grad) for t in inputs]
+
+    want = _reference_grads(fn_ref, leaves(torch.Tensor.double), g.double())
+    eager = None
+    if dtype in (torch.float16, torch.bfloat16):
+        eager = _reference_grads(fn_ref, leaves(torch.Tensor.clone), g)
+    for i, (a, w) in enumerate(zip(got, want)):
+        assert_matches(a, w, dtype, eager[i] if eager else None, f"{what} [{i}]")
+
+
 def _upsample_check(x, s, size=None, align_corners=True):
     """Forward and grad_x of backend "cuda" vs the float64 reference; returns the launches."""
     _ext.EMULATED.clear_launches()
@@ -66,14 +90,11 @@ def _upsample_check(x, s, size=None, align_corners=True):
     out = ops.upsample_bilinear_add(xr, s, size=size, align_corners=align_corners, backend="cuda")
     g = torch.randn_like(out)  # in the output's memory format, like a real upstream grad
     out.backward(g)
-    x64 = x.detach().double().requires_grad_(True)
-    want = ref.upsample_bilinear_add(x64, s.double() if s is not None else None,
-                                     size=size or tuple(s.shape[-2:]), align_corners=align_corners)
-    want.backward(g.double())
-    tol = 1e-5 if x.dtype == torch.float32 else (1e-10 if x.dtype == torch.float64 else 2e-2)
-    torch.testing.assert_close(out.double(), want.detach(), atol=tol, rtol=tol)
-    torch.testing.assert_close(xr.grad.double(), x64.grad, atol=tol, rtol=tol)
-    return kernels()
+    launched = kernels()
+    size = size or tuple(s.shape[-2:])
+    _check([out.detach(), xr.grad], lambda a, b: ref.upsample_bilinear_add(a, b, size=size, align_corners=align_corners),
+           [x.detach().requires_grad_(True), s], g, f"upsample {x.dtype} {tuple(x.shape)}->{size}")
+    return launched
 
 
 # ------------------------------------------------------------------ the backend itself
@@ -133,7 +154,8 @@ def test_compile_fullgraph():
 # ------------------------------------------------------------ vector widths and fallbacks
 @pytest.mark.parametrize("dtype,W,vec", [
     (torch.float32, 12, 4), (torch.float32, 14, 2), (torch.float32, 7, 1),
-    (torch.float16, 16, 8), (torch.bfloat16, 12, 4), (torch.float16, 9, 1), (torch.float64, 10, 2),
+    (torch.float16, 16, 8), (torch.bfloat16, 16, 8), (torch.bfloat16, 12, 4), (torch.float16, 9, 1),
+    (torch.float64, 10, 2),
 ])
 def test_upsample_forward_nchw_vector_width(dtype, W, vec):
     """NCHW: the widest power of two up to 128 bits that divides W (a 1-wide scalar loop else)."""
@@ -150,7 +172,9 @@ def test_upsample_forward_nchw_misaligned_falls_back_to_scalar(dtype):
 
 
 @pytest.mark.parametrize("dtype,C,vec", [(torch.float32, 8, 4), (torch.float32, 6, 1),
-                                         (torch.bfloat16, 16, 8), (torch.float16, 12, 1)])
+                                         (torch.bfloat16, 16, 8), (torch.float16, 24, 8),
+                                         (torch.float16, 12, 1), (torch.float64, 6, 2),
+                                         (torch.float64, 5, 1)])
 def test_upsample_channels_last_vector_width(dtype, C, vec):
     """channels_last: VEC channels per thread when C is a multiple of VEC, forward and backward."""
     cl = torch.channels_last
@@ -185,6 +209,7 @@ def test_upsample_backward_channels_last_misaligned_grad_falls_back_to_scalar():
     (torch.float32, (2, 3, 4, 5), 4),  # 120 elements: vectors only
     (torch.float32, (2, 3, 5, 7), 4),  # 210: vectors and a 2-element scalar tail
     (torch.float16, (2, 3, 5, 7), 8),
+    (torch.bfloat16, (2, 3, 5, 7), 8),
     (torch.float64, (2, 3, 5, 7), 2),
 ])
 @pytest.mark.parametrize("misaligned", [False, True])
@@ -199,14 +224,26 @@ def test_attention_residual_vector_and_tail(dtype, shape, vec, misaligned):
     out = ops.attention_residual(mr, fr, backend="cuda")
     g = torch.randn(shape).to(dtype)
     out.backward(g)
-    m64, f64 = m.double().requires_grad_(True), f.double().requires_grad_(True)
-    want = ref.attention_residual(m64, f64)
-    want.backward(g.double())
-    tol = 1e-5 if dtype == torch.float32 else (1e-10 if dtype == torch.float64 else 1e-2)
-    for got, exp in ((out, want), (mr.grad, m64.grad), (fr.grad, f64.grad)):
-        torch.testing.assert_close(got.double(), exp.detach(), atol=tol, rtol=tol)
+    _check([out.detach(), mr.grad, fr.grad], ref.attention_residual,
+           [m.detach().requires_grad_(True), f.detach().requires_grad_(True)], g, f"attention {dtype} {shape}")
     want_vec = 1 if misaligned else vec
     assert all(k.endswith(f", {want_vec}>") for k in kernels()), kernels()
+
+
+@pytest.mark.parametrize("C,vec", [(6, 2), (3, 2)])
+def test_attention_residual_float64_channels_last(C, vec):
+    """float64 channels_last: two doubles per 128-bit vector (a scalar tail when n is odd)."""
+    cl = torch.channels_last
+    m = (torch.randn(2, C, 5, 7, dtype=torch.float64) * 3).contiguous(memory_format=cl)
+    f = torch.randn(2, C, 5, 7, dtype=torch.float64).contiguous(memory_format=cl)
+    g = torch.randn(2, C, 5, 7, dtype=torch.float64).contiguous(memory_format=cl)
+    mr, fr = m.clone().requires_grad_(True), f.clone().requires_grad_(True)
+    out = ops.attention_residual(mr, fr, backend="cuda")
+    assert out.is_contiguous(memory_format=cl)
+    out.backward(g)
+    assert all(k.endswith(f", {vec}>") for k in kernels()), kernels()
+    _check([out.detach(), mr.grad, fr.grad], ref.attention_residual,
+           [m.requires_grad_(True), f.requires_grad_(True)], g, f"attention float64 channels_last C={C}")
 
 
 # ------------------------------------------------- 64-bit index, in-thread tables, grids

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import require_module
 
 import resattn_fast
 from resattn_fast import cli
@@ -63,8 +64,8 @@ def _export(capsys, ckpt_path, fmt, out, *extra):
 
 
 def test_onnx_matches_pytorch_within_1e4(ckpt, tmp_path, capsys):
-    ort = pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    ort = require_module("onnxruntime")
+    require_module("onnxscript")
     path, model = ckpt
     out = tmp_path / "m.onnx"
     text = _export(capsys, path, "onnx", out)
@@ -91,8 +92,8 @@ def test_onnx_refuses_fast_impl_and_writes_nothing(ckpt, tmp_path, capsys):
 
 
 def test_onnx_that_disagrees_is_not_kept(tmp_path, monkeypatch):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
+    require_module("onnxruntime")
+    require_module("onnxscript")
     from resattn_fast.errors import UsageError
 
     tiny = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
@@ -135,7 +136,7 @@ def test_pt2_loads_and_matches(ckpt, tmp_path, capsys, impl):
 
 
 def test_safetensors_roundtrip_into_both_impls(ckpt, tmp_path, capsys):
-    safetensors = pytest.importorskip("safetensors")
+    safetensors = require_module("safetensors")
     path, model = ckpt
     out = tmp_path / "m.safetensors"
     _export(capsys, path, "safetensors", out)
@@ -174,7 +175,7 @@ def test_create_model_mismatches_are_one_clear_error(ckpt, tmp_path):
     bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(WeightsError, match="corrupt or not a safetensors file"):
         resattn_fast.create_model(NAME, checkpoint_path=str(bad))
-    pytest.importorskip("safetensors")
+    require_module("safetensors")
     from safetensors.torch import save_file
 
     other = resattn_fast.create_model("attention92_cifar", impl="reference")

@@ -63,21 +63,51 @@ def _bad(rows: List[Dict]) -> List[str]:
             for r in rows if r["error"] or r["spill_bytes"]]
 
 
+BN_KERNELS = {"_bn_stats_kernel", "_bn_channel_kernel", "_bn_relu_fwd_kernel",
+              "_bn_relu_bwd_reduce_kernel", "_bn_relu_bwd_channel_kernel", "_bn_relu_bwd_kernel",
+              "_bn_update_stats_kernel"}
+
+
 def test_triton_every_specialization_compiled(triton_rows):
-    """One row per (variant, arch), for the four kernels, each autotune config, dtype and
+    """One row per (variant, arch), for every kernel, each autotune config, dtype and
     flag value."""
     per_variant: Dict[tuple, List[int]] = {}
     for r in triton_rows:
         per_variant.setdefault((r["kernel"], r["spec"]), []).append(r["arch"])
     assert all(sorted(a) == list(ARCHS) for a in per_variant.values())
-    assert len(per_variant) > 300, len(per_variant)  # 4 kernels x configs x dtypes x flags
+    assert len(per_variant) > 600, len(per_variant)  # 11 kernels x configs x dtypes x flags
     kernels = {r["kernel"] for r in triton_rows}
     assert kernels == {"_upsample_bilinear_add_fwd_kernel", "_upsample_bilinear_add_bwd_kernel",
-                       "_attention_residual_fwd_kernel", "_attention_residual_bwd_kernel"}
+                       "_attention_residual_fwd_kernel", "_attention_residual_bwd_kernel"} | BN_KERNELS
     specs = " | ".join(r["spec"] for r in triton_rows)
     for word in ("float32", "float16", "bfloat16", "float64", "CHANNELS_LAST", "HAS_SKIP",
-                 "ALIGN", "INT64", "BLOCK=4096/w8", "BLOCK=128/w4"):
+                 "ALIGN", "INT64", "BLOCK=4096/w8", "BLOCK=128/w4", "TRAINING", "HAS_RES",
+                 "HAS_W", "HAS_B", "WRITE_STATS"):
         assert word in specs, word
+
+
+def test_variant_signatures_typed_like_launches():
+    """Workspaces and statistics are compiled in the accumulation type and batch-norm
+    parameters in float32 (float64 for float64), as the launchers pass them; the element
+    counts are 64-bit in the INT64 specialization, other integers 32-bit."""
+    from types import SimpleNamespace
+
+    import triton
+
+    names = ("x_ptr", "par_ptr", "w_ptr", "gw_ptr", "out_ptr", "M", "CHUNK", "C", "eps32", "eps64")
+    params = [SimpleNamespace(name=n, is_constexpr=False) for n in names]
+    params += [SimpleNamespace(name=n, is_constexpr=True) for n in ("INT64", "IS_FP64", "BLOCK")]
+    fn = SimpleNamespace(params=params)
+    cfg = triton.Config({"BLOCK": 256}, num_warps=4)
+    for dtype, int64 in (("bfloat16", True), ("float64", False), ("float32", False)):
+        const = {"INT64": int64, "IS_FP64": dtype == "float64", "BLOCK": 256}
+        sig = gr._variant("m", "k", fn, cfg, dtype, ["INT64"], const).signature
+        acc = "*fp64" if dtype == "float64" else "*fp32"
+        assert sig["x_ptr"] == sig["out_ptr"] == "*" + gr.DTYPES[dtype]
+        assert sig["par_ptr"] == sig["w_ptr"] == sig["gw_ptr"] == acc
+        assert sig["M"] == sig["CHUNK"] == ("i64" if int64 else "i32")
+        assert sig["C"] == "i32" and sig["eps32"] == "fp32" and sig["eps64"] == "i64"
+        assert sig["INT64"] == sig["BLOCK"] == "constexpr"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -155,6 +185,7 @@ def test_exit_status_fails_on_spill_or_error():
 
 
 # ------------------------------------------- the INT64 specialization, run interpreted
+# (batch_norm_relu's: tests/test_batch_norm_relu_triton.py::test_int64_specialization)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_int64_specialization_matches_reference(monkeypatch, channels_last):
     """The 64-bit-offset code (compiled above, on a GPU only taken past 2**31 elements)

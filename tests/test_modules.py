@@ -79,7 +79,13 @@ def _grads_with(module, x, g):
     return [out.detach(), x.grad] + [p.grad.clone() for p in module.parameters()]
 
 
-@pytest.mark.parametrize("backend", CPU_FUSED)
+# The whole network runs on the compiled backends (cpu, and cuda under the emulation);
+# interpreted Triton would take minutes per step here, so its network-level check is the
+# module parity above and the GPU suite's networks (tests/test_gpu_kernels.py).
+NETWORK_BACKENDS = tuple(b for b in CPU_FUSED if b != "triton")
+
+
+@pytest.mark.parametrize("backend", NETWORK_BACKENDS)
 @pytest.mark.parametrize("train", [True, False])
 def test_model_parity_attention56_cifar(backend, train):
     """The whole fast network against the reference, in float64 (where both are exact to
@@ -107,7 +113,7 @@ def test_model_parity_attention56_cifar(backend, train):
         torch.testing.assert_close(b_fast, b_ref, atol=1e-9, rtol=1e-9, msg=lambda m, n=n: f"{n}: {m}")
 
 
-@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("backend", NETWORK_BACKENDS)
 def test_model_float32_error_like_reference(backend):
     """In float32 a training step through ~60 batch norms on tiny batches is ill-conditioned
     (the reference itself is off by ~1% of grad_x against float64): the fast network's
@@ -251,3 +257,27 @@ def test_convert_reference_model_exports_without_custom_ops():
     ep = torch.export.export(model, (torch.randn(1, 3, 32, 32),))
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert not any("resattn_fast" in t for t in targets)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+def test_gpu_model_parity_attention56_cifar(backend):
+    """The whole fast network on a GPU against the reference, in float64, over three SGD steps."""
+    require_backend(backend, "cuda")
+    ref = resattn_fast.create_model("attention56_cifar", impl="reference").train().double().cuda()
+    fast = resattn_fast.create_model("attention56_cifar", backend=backend).train().double().cuda()
+    fast.load_state_dict(ref.state_dict())
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    opt_fast = torch.optim.SGD(fast.parameters(), lr=0.05, momentum=0.9)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randn(4, 3, 32, 32, generator=gen, dtype=torch.float64).cuda()
+        g = torch.randn(4, 10, generator=gen, dtype=torch.float64).cuda()
+        opt_ref.zero_grad(set_to_none=True)
+        opt_fast.zero_grad(set_to_none=True)
+        for a, b in zip(_grads_with(fast, x, g), _grads_with(ref, x, g)):
+            torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+        opt_ref.step()
+        opt_fast.step()
+    for b_ref, b_fast in zip(ref.buffers(), fast.buffers()):
+        torch.testing.assert_close(b_fast, b_ref, atol=1e-9, rtol=1e-9)

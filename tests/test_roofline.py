@@ -18,6 +18,7 @@ from typing import Callable, Dict, List, Sequence
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require_backend
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,13 +26,20 @@ if ROOT not in sys.path:  # benchmarks/ lives beside the package, not inside it
     sys.path.insert(0, ROOT)
 
 from benchmarks import run as bench_run  # noqa: E402
-from benchmarks.roofline import devices  # noqa: E402
-from benchmarks.roofline.model import kernel_seconds, max_batch, predict_step  # noqa: E402
-from benchmarks.roofline.step import fast_backend_problem, trace_op, trace_step  # noqa: E402
-from benchmarks.roofline.trace import KernelRecord, Tracer, foreach_launches  # noqa: E402
+from resattn_fast.roofline import devices  # noqa: E402
+from resattn_fast.roofline.model import kernel_seconds, max_batch, predict_step  # noqa: E402
+from resattn_fast.roofline.step import fast_backend_problem, trace_op, trace_step  # noqa: E402
+from resattn_fast.roofline.trace import KernelRecord, Tracer, foreach_launches  # noqa: E402
 
-needs_ext = pytest.mark.skipif(fast_backend_problem() is not None,
-                               reason=f"resattn_fast._C not built: {fast_backend_problem()}")
+
+@pytest.fixture
+def _needs_ext() -> None:
+    """The cpu backend's registered ops are traced: a skip without them, a failure in CI."""
+    require_backend("cpu")
+    assert fast_backend_problem() is None, fast_backend_problem()
+
+
+needs_ext = pytest.mark.usefixtures("_needs_ext")
 
 
 def _traced(fn: Callable[[], object], phase: str = "forward") -> List[KernelRecord]:
@@ -65,11 +73,13 @@ def test_a_convolution_counted_by_hand() -> None:
     assert all(r.cls == "convolution" and r.matmul and r.launches == 1 for r in fwd + bwd)
 
 
-def test_a_training_batch_norm_counted_by_hand() -> None:
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_training_batch_norm_counted_by_hand(channels_last: bool) -> None:
     n, c, hw = 2, 3, 4
     x_b, c_b = 4 * n * c * hw * hw, 4 * c
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     with FakeTensorMode():
-        x = torch.randn(n, c, hw, hw, requires_grad=True)
+        x = torch.randn(n, c, hw, hw).contiguous(memory_format=fmt).requires_grad_()
         w = torch.randn(c, requires_grad=True)
         b = torch.randn(c, requires_grad=True)
         rm, rv = torch.zeros(c), torch.ones(c)
@@ -77,12 +87,35 @@ def test_a_training_batch_norm_counted_by_hand() -> None:
         y = F.batch_norm(x, rm, rv, w, b, training=True)
         g = torch.randn_like(y)
         bwd = _traced(lambda: torch.autograd.grad(y, [x, w, b], g), "backward")
-    # Forward reads x, weight, bias and the running statistics; writes y, the batch mean
-    # and inverse std (saved for backward) and the updated running statistics.
-    assert _summary(fwd) == [("aten.native_batch_norm", 0.0, x_b + 4 * c_b, x_b + 4 * c_b)]
-    # Backward reads dy, x, weight and the saved mean and inverse std; writes dx, dweight, dbias.
-    assert _summary(bwd) == [("aten.native_batch_norm_backward", 0.0, 2 * x_b + 3 * c_b, x_b + 2 * c_b)]
+    # As ATen's CUDA kernels run it: statistics (reads x; writes the batch mean and inverse
+    # std), the running update (reads both and the running statistics; writes the running
+    # statistics and the inverted variance), then the elementwise pass (reads x, weight,
+    # bias, mean, inverse std; writes y).
+    assert _summary(fwd) == [("aten.native_batch_norm (stats)", 0.0, x_b, 2 * c_b),
+                             ("aten.native_batch_norm (update stats, invert var)", 0.0, 4 * c_b, 3 * c_b),
+                             ("aten.native_batch_norm (elemt)", 0.0, x_b + 4 * c_b, x_b)]
+    # Backward: the reduction (reads dy, x, mean, inverse std, weight; writes dweight,
+    # dbias), then the elementwise pass (reads the same; writes dx). NCHW runs both in one
+    # kernel that reads dy and x twice.
+    reduce = ("aten.native_batch_norm_backward (reduce)", 0.0, 2 * x_b + 3 * c_b, 2 * c_b)
+    elemt = ("aten.native_batch_norm_backward (elemt)", 0.0, 2 * x_b + 3 * c_b, x_b)
+    if channels_last:
+        assert _summary(bwd) == [reduce, elemt]
+    else:
+        assert _summary(bwd) == [reduce, ("aten.native_batch_norm_backward (elemt, same kernel)",) + elemt[1:]]
     assert {r.cls for r in fwd + bwd} == {"batch norm"}
+    assert [r.launches for r in fwd + bwd] == [1, 1, 1, 1, 1 if channels_last else 0]
+
+
+def test_an_eval_batch_norm_is_one_pass() -> None:
+    n, c, hw = 2, 3, 4
+    x_b, c_b = 4 * n * c * hw * hw, 4 * c
+    with FakeTensorMode():
+        x = torch.randn(n, c, hw, hw)
+        w, b, rm, rv = torch.randn(c), torch.randn(c), torch.zeros(c), torch.ones(c)
+        fwd = _traced(lambda: F.batch_norm(x, rm, rv, w, b, training=False))
+    assert [(r.op, r.read_bytes, r.write_bytes) for r in fwd] == [
+        ("aten.native_batch_norm", x_b + 4 * c_b, x_b)]
 
 
 @needs_ext
@@ -123,6 +156,85 @@ def test_fused_attention_residual_counted_by_hand() -> None:
     assert len(eager["bwd"]) == 3
 
 
+# Stand-ins for the fused BN-ReLU ops: the schemas of csrc/schemas.h in a test namespace,
+# fake kernels only (the roofline traces on fake tensors and never runs a kernel).
+_NS = "resattn_roofline_test"
+_STANDINS: Dict[str, object] = {}
+
+
+def _standin_ops() -> Dict[str, object]:
+    if not _STANDINS:
+        lib = torch.library.Library(_NS, "FRAGMENT")
+        lib.define("batch_norm_relu(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+                   "Tensor? running_var, bool training, float eps) -> (Tensor, Tensor, Tensor)")
+        lib.define("batch_norm_relu_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, "
+                   "Tensor var, bool training, float eps, Tensor? grad_residual, bool weight_grads) "
+                   "-> (Tensor, Tensor, Tensor)")
+        lib.define("batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+                   "Tensor var, float momentum, int count) -> ()")
+
+        def fwd(x, weight, bias, running_mean, running_var, training, eps):  # type: ignore[no-untyped-def]
+            c = x.shape[1]
+            return torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
+
+        def bwd(grad, x, weight, bias, mean, var, training, eps, grad_residual, weight_grads):  # type: ignore[no-untyped-def]
+            c = x.shape[1] if weight_grads else 0
+            return torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
+
+        def upd(running_mean, running_var, mean, var, momentum, count):  # type: ignore[no-untyped-def]
+            return None
+
+        for name, fn in (("batch_norm_relu", fwd), ("batch_norm_relu_backward", bwd),
+                         ("batch_norm_update_stats", upd)):
+            torch.library.register_fake(f"{_NS}::{name}", fn, lib=lib)
+        _STANDINS["lib"] = lib
+    return _STANDINS
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_batch_norm_relu_counted_by_hand(training: bool) -> None:
+    _standin_ops()
+    ops = getattr(torch.ops, _NS)
+    n, c, hw = 2, 5, 4
+    e = 2  # bfloat16 x, float32 parameters and statistics
+    X, P = e * n * c * hw * hw, 4 * c
+    with FakeTensorMode():
+        x = torch.randn(n, c, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        w, b, rm, rv = torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c)
+        tracer = Tracer(fused_namespaces=(_NS,))
+        with tracer:
+            y, mean, var = ops.batch_norm_relu(x, w, b, rm, rv, training, 1e-5)
+            if training:
+                ops.batch_norm_update_stats(rm, rv, mean, var, 0.1, n * hw * hw)
+            tracer.phase = "backward"
+            g = torch.empty_like(y)
+            ops.batch_norm_relu_backward(g, x, w, b, mean, var, training, 1e-5, None, training)
+            ops.batch_norm_relu_backward(g, x, w, b, mean, var, training, 1e-5, g, training)
+    recs = [(r.op.split(".", 1)[1], r.phase, r.read_bytes, r.write_bytes, r.launches) for r in tracer.records
+            if "empty" not in r.op]
+    if training:
+        assert recs == [
+            # forward: statistics (reads x), then normalise+ReLU (reads x, writes out): two kernels
+            ("batch_norm_relu (stats)", "forward", X, 2 * P, 1),
+            ("batch_norm_relu (apply)", "forward", X + 4 * P, X, 1),
+            # the running update: one small kernel, in place
+            ("batch_norm_update_stats", "forward", 4 * P, 2 * P, 1),
+            # backward: the reduction (reads grad and x), then apply (reads grad, x; writes grad_x)
+            ("batch_norm_relu_backward (reduce)", "backward", 2 * X + 4 * P, 2 * P, 1),
+            ("batch_norm_relu_backward (apply)", "backward", 2 * X + 6 * P, X, 1),
+            # with the shortcut's gradient: apply also reads grad_residual
+            ("batch_norm_relu_backward (reduce)", "backward", 2 * X + 4 * P, 2 * P, 1),
+            ("batch_norm_relu_backward (apply)", "backward", 3 * X + 6 * P, X, 1)]
+    else:
+        assert recs == [
+            # eval: one kernel (the running statistics in, new mean/var tensors out)
+            ("batch_norm_relu", "forward", X + 4 * P, X + 2 * P, 1),
+            # eval backward without weight gradients: one apply kernel
+            ("batch_norm_relu_backward", "backward", 2 * X + 4 * P, X, 1),
+            ("batch_norm_relu_backward", "backward", 3 * X + 4 * P, X, 1)]
+    assert {r.cls for r in tracer.records if "empty" not in r.op} == {"fused BN-ReLU"}
+
+
 def test_one_residual_unit_counted_by_hand() -> None:
     from resattn_fast.reference.modules import ResidualUnit
 
@@ -135,8 +247,8 @@ def test_one_residual_unit_counted_by_hand() -> None:
     f2 = 2 * n * hw * hw * mid * mid * 9  # conv2 3x3 mid -> mid
     f3 = 2 * n * hw * hw * c * mid  # conv3 1x1 mid -> c
 
-    def bn_fwd(t: int, ch: int) -> int:  # reads x, weight, bias, running stats; writes y, mean, invstd, running
-        return 2 * (t + 4 * e * ch)
+    def bn_fwd(t: int, ch: int) -> int:  # stats (x), the running update, elemt (x, weight, bias, stats -> y)
+        return (t + 2 * e * ch) + (4 * e * ch + 3 * e * ch) + (t + 4 * e * ch + t)
 
     counter = 2 * 8  # num_batches_tracked += 1 (int64, read and written)
     fwd_bytes = (bn_fwd(X, c) + counter + 2 * X + (X + w1 + M)  # bn1, relu_, conv1
@@ -144,8 +256,8 @@ def test_one_residual_unit_counted_by_hand() -> None:
                  + bn_fwd(M, mid) + counter + 2 * M + (M + w3 + X)  # bn3, relu_, conv3
                  + 3 * X)  # the residual add
 
-    def bn_bwd(t: int, ch: int) -> int:  # reads dy, x, weight, mean, invstd; writes dx, dweight, dbias
-        return (2 * t + 3 * e * ch) + (t + 2 * e * ch)
+    def bn_bwd(t: int, ch: int) -> int:  # reduce and elemt, each reading dy, x, weight, mean, invstd
+        return 2 * (2 * t + 3 * e * ch) + (t + 2 * e * ch)
 
     bwd_bytes = (3 * X  # x's two gradients summed
                  + (X + w3 + M) + (X + M + w3)  # conv3 dgrad, wgrad
@@ -171,8 +283,58 @@ def test_one_residual_unit_counted_by_hand() -> None:
     assert sum(r.flops for r in bwd) == 2 * (f1 + f2 + f3)
     assert sum(r.bytes for r in fwd) == fwd_bytes
     assert sum(r.bytes for r in bwd) == bwd_bytes
-    # forward: 3 x (bn, its counter, relu, conv) + add; backward: 3 x (dgrad, wgrad, relu, bn) + the sum
-    assert len(fwd) == 13 and len(bwd) == 13
+    # forward: 3 x (bn's three kernels, its counter, relu, conv) + add; backward: 3 x (dgrad,
+    # wgrad, relu, bn's two passes) + the sum
+    assert len(fwd) == 19 and len(bwd) == 16
+    assert sum(r.launches for r in bwd) == 13  # NCHW: batch norm's two backward passes are one kernel
+
+
+def test_ideal_fusion_counted_by_hand() -> None:
+    from benchmarks.roofline.fusion import fuse_ideal
+
+    n, c, hw = 2, 4, 6
+    X = 4 * n * c * hw * hw
+    with FakeTensorMode():
+        x = torch.randn(n, c, hw, hw)
+        w = torch.randn(c, c, 1, 1)
+        tracer = Tracer()
+        with tracer:
+            y = (x * 2 + 1).relu()  # one kernel: reads x, writes y (the conv reads it)
+            z = F.conv2d(y, w)  # kept as it is
+            s = (z + x).sum()  # the add feeds the reduction only: never written
+            (z / s).exp()  # after the reduction: reads z again, writes the result
+    fused = fuse_ideal(tracer.records)
+    assert [(r.op.split(":")[0], r.read_bytes, r.write_bytes) for r in fused] == [
+        ("compiled", X, X), ("aten.convolution", X + 4 * c * c, X), ("compiled", 2 * X, 4),
+        ("compiled", X + 4, X)]
+    assert [r.cls for r in fused] == ["fused by compile", "convolution", "fused by compile", "fused by compile"]
+
+
+def test_live_storages_see_inside_a_checkpointed_region() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    def block(t: torch.Tensor) -> torch.Tensor:
+        return t.sin().sin()  # the first sin's output is saved by the second
+
+    kept = {}
+    for ckpt in (False, True):
+        with FakeTensorMode():
+            x = torch.randn(1000, requires_grad=True)
+            tracer = Tracer(memory=True)
+            mem = tracer.memory
+            mem.ignore([x])
+            with tracer:
+                y = checkpoint(block, x, use_reentrant=False) if ckpt else block(x)
+                mem.mark("forward")
+                y.sum().backward()
+                del y
+                mem.mark("backward")
+            kept[ckpt] = (mem.live_bytes("forward"), mem.peak_bytes("backward"))
+    # without: sin(x) kept and the output y; with: only y (the region's input x is not new)
+    assert kept[False][0] == 2 * 4000 and kept[True][0] == 4000
+    # backward with checkpointing recomputes sin(x) (and the unused second sin) while y and its
+    # gradient live: its peak exceeds what the forward kept
+    assert kept[True][1] > kept[True][0]
 
 
 def test_forward_flops_agree_with_flop_counter_mode() -> None:
@@ -247,6 +409,9 @@ def test_the_fast_step_runs_the_fused_ops_and_the_reference_step_does_not(cifar_
                  "attention_residual_backward"):
         assert fast.ops_seen.get(f"resattn_fast.{name}", 0) > 0, name  # type: ignore[attr-defined]
         assert f"resattn_fast.{name}" not in ref.ops_seen  # type: ignore[attr-defined]
+    for name in ("batch_norm_relu", "batch_norm_relu_backward", "batch_norm_update_stats"):
+        assert fast.ops_seen.get(f"resattn_fast.{name}", 0) > 0, name  # type: ignore[attr-defined]
+    assert "aten.native_batch_norm" not in fast.ops_seen  # type: ignore[attr-defined]
     assert "aten.upsample_bilinear2d" in ref.ops_seen and "aten.sigmoid" in ref.ops_seen  # type: ignore[attr-defined]
     assert "aten.upsample_bilinear2d" not in fast.ops_seen and "aten.sigmoid" not in fast.ops_seen  # type: ignore[attr-defined]
     # Same convolutions, so the same FLOPs; the fused step moves fewer bytes and keeps less.
@@ -257,6 +422,33 @@ def test_the_fast_step_runs_the_fused_ops_and_the_reference_step_does_not(cifar_
     phases = {r.phase for r in f_recs}
     assert phases == {"forward", "backward", "optimizer"}
     assert all(r.cls == "optimizer" for r in f_recs if r.phase == "optimizer")
+
+
+@needs_ext
+def test_selective_checkpointing_recomputes_bn_relu_outputs_and_no_convolution(
+        cifar_steps: Dict[str, object]) -> None:
+    fast = cifar_steps["fast"]
+    try:
+        sel = trace_step("attention56_cifar", "fast", 4, amp=True, channels_last=True, checkpointing="selective")
+    except ValueError as exc:  # a version without the mode
+        pytest.skip(str(exc))
+    full = trace_step("attention56_cifar", "fast", 4, amp=True, channels_last=True, checkpointing="full")
+
+    def count(tr: object, phase: str, prefix: str) -> int:
+        return sum(r.launches for r in tr.records if r.phase == phase and r.op.startswith(prefix))  # type: ignore[attr-defined]
+
+    conv = "aten.convolution"
+    # selective: backward runs the normalise+ReLU pass again (eval kernel, one pass); no
+    # convolution reruns. full: every block's forward reruns, convolutions included.
+    assert count(sel, "backward", "resattn_fast.batch_norm_relu ") == 0
+    assert count(sel, "backward", "resattn_fast.batch_norm_relu") > count(fast, "backward", "resattn_fast.batch_norm_relu")
+    assert count(sel, "backward", conv + " ") == 0 == count(fast, "backward", conv + " ")
+    assert count(full, "backward", conv) > count(fast, "backward", conv)
+    # the running statistics are updated once per unit in every mode
+    for tr in (sel, full):
+        assert tr.ops_seen["resattn_fast.batch_norm_update_stats"] == fast.ops_seen[  # type: ignore[attr-defined]
+            "resattn_fast.batch_norm_update_stats"]
+    assert full.activation_bytes < sel.activation_bytes < fast.activation_bytes  # type: ignore[attr-defined]
 
 
 def test_step_prediction_and_max_batch_are_consistent(cifar_steps: Dict[str, object]) -> None:
@@ -285,20 +477,38 @@ def test_the_suite_writes_predictions_shares_and_op_rows(tmp_path: str) -> None:
                          "--channels-last", "--out", out])
     assert rc == 0
     rows = _read(os.path.join(out, "results.csv"))
-    net = {(r["impl"], r["metric"]): float(r["median"]) for r in rows if r["name"] == "attention56_cifar"}
+    every = {(r["impl"], r["mode"], r["metric"]): float(r["median"]) for r in rows
+             if r["name"] == "attention56_cifar"}
+    net = {(i, m): v for (i, mode, m), v in every.items() if mode == "train"}
     for impl in ("reference", "fast"):
         for metric in ("fwd_flops", "step_flops", "step_bytes", "predicted_step_ms", "predicted_images_per_s",
-                       "activation_bytes", "max_batch", "share:convolution", "share:batch norm"):
+                       "activation_bytes", "peak_bytes", "max_batch", "share:convolution", "bn_relu_add_share"):
             assert net[(impl, metric)] > 0, (impl, metric)
         shares = sum(v for (i, m), v in net.items() if i == impl and m.startswith("share:"))
         assert shares == pytest.approx(1.0, abs=1e-4)
+    # the reference compiled: the same FLOPs, fewer bytes and kernels, no memory rows
+    assert net[("reference+compile", "step_flops")] == net[("reference", "step_flops")]
+    assert net[("reference+compile", "step_bytes")] < net[("reference", "step_bytes")]
+    assert net[("reference+compile", "kernels")] < net[("reference", "kernels")]
+    assert net[("reference+compile", "share:fused by compile")] > 0
+    assert ("reference+compile", "max_batch") not in net
+    # full checkpointing: more work, less kept, a larger batch
+    full = {m: v for (i, mode, m), v in every.items() if i == "fast" and mode == "train+full"}
+    assert full["step_flops"] > net[("fast", "step_flops")]
+    assert full["activation_bytes"] < net[("fast", "activation_bytes")]
+    assert full["max_batch"] > net[("fast", "max_batch")]
     assert net[("fast", "share:fused attention-residual")] > 0 and ("fast", "share:sigmoid/multiply") not in net
+    # every batch norm of the fast network is followed by a ReLU: all fused
+    assert net[("fast", "share:fused BN-ReLU")] > 0 and ("fast", "share:batch norm") not in net
+    assert net[("reference", "share:batch norm")] > 0 and ("reference", "share:fused BN-ReLU") not in net
     assert {r["shape"] for r in rows if r["name"] == "attention56_cifar"} == {"4x3x32x32"}
     ops = [r for r in rows if r["name"] in ("upsample_bilinear_add", "attention_residual")]
     assert {(r["impl"], r["mode"]) for r in ops} >= {("eager", "fwd"), ("fused", "fwd+bwd")}
     assert {r["metric"] for r in ops} == {"bytes", "kernels", "predicted_ms"}
     report = open(os.path.join(out, "report.md")).read()
     assert "not a measurement" in report and "nvidia.com" in report
+    assert "## Checkpointing modes (prediction)" in report and "ideal fusion" in report
+    assert "## Launch-bound kernels of the fast step" in report
     with open(os.path.join(out, "roofline_breakdown.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -321,18 +531,20 @@ def test_calibration_writes_measured_over_predicted(tmp_path: str) -> None:
     assert bench_run.main(["--suite", "roofline", "--gpu", "H100", "--measured", measured, "--out", out]) == 0
     every = _read(os.path.join(out, "results.csv"))
     rows = [r for r in every if r["metric"] == "measured_over_predicted"]
-    # The compiled row and the checkpointed largest batch are not modelled: left out.
+    # The compiled row is not modelled: left out; the checkpointed largest batch is (full).
     assert sorted((r["name"], r["impl"], r["mode"], r["shape"]) for r in rows) == [
         ("attention56_cifar", "fast", "train", "4x3x32x32"), ("attention56_cifar", "reference", "train", "Nx3x32x32"),
-        ("attention_residual", "fused", "bwd", "2x8x6x6")]
+        ("attention56_cifar", "reference", "train+ckpt", "Nx3x32x32"), ("attention_residual", "fused", "bwd", "2x8x6x6")]
     for r in rows:
         what = "max_batch" if r["shape"].startswith("N") else "ms"
-        pred = next(float(p["median"]) for p in every
-                    if p["metric"] == f"predicted_{what}" and p["name"] == r["name"] and p["shape"] == r["shape"])
-        meas = next(float(p["median"]) for p in every
-                    if p["metric"] == f"measured_{what}" and p["name"] == r["name"] and p["shape"] == r["shape"])
-        assert meas in (9.0, 0.02, 5000.0) and pred > 0
+        pred = next(float(p["median"]) for p in every if p["metric"] == f"predicted_{what}"
+                    and p["name"] == r["name"] and p["shape"] == r["shape"] and p["mode"] == r["mode"])
+        meas = next(float(p["median"]) for p in every if p["metric"] == f"measured_{what}"
+                    and p["name"] == r["name"] and p["shape"] == r["shape"] and p["mode"] == r["mode"])
+        assert meas in (9.0, 0.02, 5000.0, 9000.0) and pred > 0
         assert float(r["median"]) == pytest.approx(meas / pred, rel=1e-4)
+    largest = {p["mode"]: float(p["median"]) for p in every if p["metric"] == "predicted_max_batch"}
+    assert largest["train+ckpt"] > largest["train"]
     assert "measured / predicted" in open(os.path.join(out, "report.md")).read()
 
 
@@ -344,6 +556,7 @@ def test_calibration_writes_measured_over_predicted(tmp_path: str) -> None:
     ([], "needs --gpu"),
     (["--gpu", "H100", "--dtype", "fp8"], "--dtype"),
     (["--gpu", "H100", "--bandwidth", "0"], "--bandwidth"),
+    (["--gpu", "H100", "--inductor-check", "resnet50"], "--inductor-check: unknown network"),
 ])
 def test_bad_roofline_input_is_one_line_and_exit_2(tmp_path: str, capsys: pytest.CaptureFixture,
                                                    argv: List[str], message: str) -> None:

@@ -244,12 +244,20 @@ def test_python_checks_name_the_argument(backend):
         f(torch.randn(2, 3, 0, 5), None, size=(8, 8), backend=backend)
 
 
-def test_empty_batch():
-    require_backend("cpu")
-    x = torch.randn(0, 3, 4, 5)
-    s = torch.randn(0, 3, 8, 9)
-    out = ops.upsample_bilinear_add(x, s, backend="cpu")
-    assert out.shape == (0, 3, 8, 9)
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("with_skip", [True, False], ids=["skip", "no_skip"])
+def test_empty_batch(backend, fmt, with_skip):
+    """N = 0: an empty output and empty gradients, forward and backward."""
+    require_backend(backend)
+    x = torch.randn(0, 3, 4, 5).contiguous(memory_format=fmt).requires_grad_(True)
+    s = torch.randn(0, 3, 8, 9).contiguous(memory_format=fmt).requires_grad_(True) if with_skip else None
+    out = ops.upsample_bilinear_add(x, s, size=(8, 9), backend=backend)
+    assert out.shape == (0, 3, 8, 9) and out.dtype == x.dtype
+    out.backward(torch.ones_like(out))
+    assert x.grad.shape == x.shape
+    if with_skip:
+        assert s.grad.shape == s.shape
 
 
 def test_compile_fullgraph_cpu():

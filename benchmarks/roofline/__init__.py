@@ -1,11 +1,11 @@
 """The roofline model of a GPU training step (``python benchmarks/run.py --suite roofline``).
 
-- trace.py: a TorchDispatchMode that records the kernels a step launches (FLOPs, bytes,
-  op class), run under FakeTensorMode;
-- step.py: traces one training step of a network, or one fused op;
-- devices.py: datasheet figures of the GPUs, with their sources;
-- model.py: kernel time ``max(FLOPs / rate, bytes / bandwidth) + launch``, step memory;
+The core (tracing, the device table, kernel time and memory) lives in the package,
+resattn_fast/roofline, so that ``resattn plan`` can use it; here:
+
 - suite.py: the suite (predictions, or calibration against a GPU run's results.csv);
+- fusion.py: the ``reference+compile`` row (an ideal fusion of the reference's kernels);
+- inductor_check.py: inductor's own scheduler on one network's reference step, beside it;
 - report.py: results.csv, report.md and the stacked-bar PNG.
 
 What comes from PyTorch and what is written here (both ends of the supported window,
@@ -21,6 +21,6 @@ torch 2.11 and 2.14, give identical results):
   current CUDA device (torch 2.11 has no way to name a GPU instead) and counts each
   op's inputs plus outputs, so an in-place op, ``copy_``, a convolution's backward (two
   kernels) or a foreach op (several launches) come out wrong; MemTracker works on fake
-  tensors but more than doubles the trace time, so memory is modelled from the step's
-  parts instead (model.py).
+  tensors but more than doubles the trace time, so the trace follows the storages it
+  creates itself (trace.LiveStorages).
 """

@@ -1,13 +1,17 @@
 """The ``roofline`` suite of benchmarks/run.py: predicted GPU training steps, and their
 calibration against a GPU run's measurements.
 
-    python benchmarks/run.py --suite roofline --gpu H100 --batch 64 --dtype bf16 --channels-last --out DIR
+    python benchmarks/run.py --suite roofline --gpu H100 --batch 64 --dtype bf16 --channels-last \
+        --inductor-check attention56 --out docs/perf/roofline
     python benchmarks/run.py --suite roofline --gpu auto --measured GPU_OUT/results.csv --out DIR
 
-The first traces every network (reference and fast) and the fused ops at the ops suite's
-headline shapes; the second predicts exactly what the GPU run measured (the models
-suite's training steps, with its plain SGD, and every ops-suite row of the two fused ops
-and their eager expressions) and writes measured / predicted.
+The first traces every network (reference; fast; fast with selective and with full
+checkpointing), prices the reference as compiled (fusion.py; ``--inductor-check NET``
+sets inductor's own scheduler beside it for one network) and the fused ops at the ops
+suite's headline shapes; the second predicts exactly what the GPU run measured (the
+models suite's training steps, with its plain SGD, its largest batches with and without
+checkpointing, and every ops-suite row of the two fused ops and their eager expressions)
+and writes measured / predicted.
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from resattn_fast.roofline.devices import GPUS, Gpu, from_device_name, lookup, torch_datasheet
+from resattn_fast.roofline.model import StepPrediction, predict_kernels, predict_step
+from resattn_fast.roofline.step import fast_backend_problem, trace_op, trace_step
+from resattn_fast.roofline.trace import CLASSES
+
 from ..bench_ops import OpCase, op_cases
 from ..common import Results
-from .devices import GPUS, Gpu, from_device_name, lookup, torch_datasheet
-from .model import StepPrediction, predict_kernels, predict_step
-from .step import fast_backend_problem, trace_op, trace_step
-from .trace import CLASSES
+from .fusion import compiled_step
 
 __all__ = ["RooflineRun", "add_arguments", "run_roofline", "DEFAULT_NETS", "OPS"]
 
@@ -55,6 +61,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DRAM bandwidth to use instead of the datasheet's (e.g. measured copy bandwidth)")
     g.add_argument("--matmul-tflops", type=float, default=None, metavar="TFLOPS",
                    help="matrix rate to use instead of the datasheet's, for every convolution and product")
+    g.add_argument("--inductor-check", default=None, metavar="NET",
+                   help="also compile NET's reference step with inductor (Triton's fusion rules, no code "
+                        "generation, batch 2 on this CPU) and set its kernels beside the ideal fusion's "
+                        "(a few minutes)")
     g.add_argument("--launch-us", type=float, default=None, metavar="US",
                    help="per-kernel launch overhead in microseconds (default 4)")
 
@@ -71,6 +81,7 @@ class RooflineRun:
     predictions: List[StepPrediction] = field(default_factory=list)
     op_rows: List[Dict[str, object]] = field(default_factory=list)
     calibration: List[Dict[str, object]] = field(default_factory=list)
+    inductor_check: Optional[Dict[str, object]] = None
     trace_s: Dict[str, float] = field(default_factory=dict)
     measured_path: Optional[str] = None
 
@@ -119,16 +130,20 @@ def _add(res: Results, key: Dict[str, str], metric: str, unit: str, v: float) ->
 
 def _step_rows(res: Results, pred: StepPrediction, key: Dict[str, str]) -> None:
     tr = pred.trace
+    memory = tr.impl != "reference+compile"  # fusion.py does not model the compiled step's memory
     _add(res, key, "fwd_flops", "FLOP/image", tr.fwd_flops_per_image)
     _add(res, key, "step_flops", "FLOP", pred.step_flops)
     _add(res, key, "step_bytes", "bytes", pred.step_bytes)
     _add(res, key, "kernels", "count", pred.launches)
     _add(res, key, "predicted_step_ms", "ms", pred.step_ms)
     _add(res, key, "predicted_images_per_s", "images/s", pred.images_per_s)
-    _add(res, key, "activation_bytes", "bytes", tr.activation_bytes)
-    _add(res, key, "predicted_memory", "bytes", pred.memory_bytes)
-    _add(res, key, "max_batch", "images", pred.max_batch)
+    if memory:
+        _add(res, key, "activation_bytes", "bytes", tr.activation_bytes)
+        _add(res, key, "peak_bytes", "bytes", tr.peak_bytes)
+        _add(res, key, "predicted_memory", "bytes", pred.memory_bytes)
+        _add(res, key, "max_batch", "images", pred.max_batch)
     _add(res, key, "soft_mask_share", "fraction", pred.soft_mask_share)
+    _add(res, key, "bn_relu_add_share", "fraction", pred.bn_relu_add_share)
     for cls in CLASSES:
         if pred.class_ms.get(cls, 0.0) > 0:
             _add(res, key, f"share:{cls}", "fraction", pred.share(cls))
@@ -136,15 +151,17 @@ def _step_rows(res: Results, pred: StepPrediction, key: Dict[str, str]) -> None:
 
 
 def _trace_net(run: RooflineRun, net: str, impl: str, batch: int, optimizer: str,
-               log: Callable[[str], None]) -> StepPrediction:
+               log: Callable[[str], None], checkpointing: str = "none") -> StepPrediction:
     t0 = time.perf_counter()
     tr = trace_step(net, impl, batch, amp=run.dtype == "bf16", channels_last=run.channels_last,
-                    optimizer=optimizer)
+                    optimizer=optimizer, checkpointing=checkpointing)
     pred = predict_step(tr, run.gpu)
     took = time.perf_counter() - t0
-    run.trace_s[f"{net} {impl}"] = took
-    log(f"  {net} {impl} batch {batch}: traced {len(tr.records)} kernels in {took:.1f} s; "
-        f"predicted {pred.step_ms:.1f} ms/step, soft-mask ops {pred.soft_mask_share:.1%}")
+    label = impl if checkpointing == "none" else f"{impl} {checkpointing}"
+    run.trace_s[f"{net} {label}"] = took
+    log(f"  {net} {label} batch {batch}: traced {len(tr.records)} kernels in {took:.1f} s; "
+        f"predicted {pred.step_ms:.1f} ms/step, soft-mask ops {pred.soft_mask_share:.1%}, "
+        f"BN+ReLU+add {pred.bn_relu_add_share:.1%}, max batch {pred.max_batch}")
     return pred
 
 
@@ -169,14 +186,17 @@ def _ops_rows(run: RooflineRun, log: Callable[[str], None]) -> None:
     _, op_dtype = _dtype_names(run.dtype)
     dtype = torch.bfloat16 if run.dtype == "bf16" else torch.float32
     layout = "channels_last" if run.channels_last else "nchw"
-    for case in _headline_op_cases(run.batch):
-        shapes, out_hw = _op_shapes(case)
+    # the issue's headline shape of the BN-ReLU op: a 256-channel 56x56 stage at the batch
+    bn_shape = (run.batch, 256, 56, 56)
+    cases = [(c.op, c.shape) + _op_shapes(c) for c in _headline_op_cases(run.batch)]
+    cases.append(("batch_norm_relu", "x".join(map(str, bn_shape)), [bn_shape], None))
+    for op, shape, shapes, out_hw in cases:
         for impl in ("eager", "fused"):
-            preds = _predict_op(case.op, impl, shapes, out_hw, dtype, run.channels_last, run.gpu)
+            preds = _predict_op(op, impl, shapes, out_hw, dtype, run.channels_last, run.gpu)
             for mode in MODES:
                 p = preds[mode]
-                key = dict(suite="roofline", name=case.op, impl=impl,
-                           backend="model", mode=mode, dtype=op_dtype, layout=layout, shape=case.shape)
+                key = dict(suite="roofline", name=op, impl=impl,
+                           backend="model", mode=mode, dtype=op_dtype, layout=layout, shape=shape)
                 _add(run.res, key, "bytes", "bytes", p["bytes"])
                 _add(run.res, key, "kernels", "count", p["launches"])
                 _add(run.res, key, "predicted_ms", "ms", p["ms"])
@@ -219,7 +239,7 @@ def _measured_cases(rows: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], L
             continue
         if not (v > 0 and math.isfinite(v)) or r["metric"] not in ("time", "max_batch"):
             continue
-        if (r["suite"] == "models" and r["mode"] == "train" and r["impl"] in ("reference", "fast")
+        if (r["suite"] == "models" and r["mode"] in _MEASURED_MODES and r["impl"] in ("reference", "fast")
                 and r["name"] in nets and r["dtype"] in ("amp_bfloat16", "float32")
                 and (_NET_SHAPE.match(r["shape"]) if r["metric"] == "time" else _MAX_BATCH_SHAPE.match(r["shape"]))):
             models.append(r)
@@ -227,6 +247,10 @@ def _measured_cases(rows: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], L
               and r["mode"] in MODES and r["dtype"] in ("bfloat16", "float32", "float16")):
             ops.append(r)
     return models, ops
+
+
+# The models suite's training modes and the checkpointing each one runs.
+_MEASURED_MODES = {"train": "none", "train+ckpt": "full", "train+full": "full", "train+selective": "selective"}
 
 
 def _calibrate(run: RooflineRun, path: str, out_dir: str, log: Callable[[str], None]) -> None:
@@ -248,18 +272,25 @@ def _calibrate(run: RooflineRun, path: str, out_dir: str, log: Callable[[str], N
         run.res.notes.append(f"Tensor.copy_ bandwidth measured in that run: {min(copies):.0f} to {max(copies):.0f} GB/s "
                              f"(model: {run.gpu.bandwidth_gbs:g} GB/s); rerun with --bandwidth "
                              f"{max(copies):.0f} to model with it")
-    cache: Dict[Tuple[str, str, int, bool, bool], StepPrediction] = {}
+    cache: Dict[Tuple[str, str, int, bool, bool, str], StepPrediction] = {}
     for r in models:
         m = _NET_SHAPE.match(r["shape"])
         batch = int(m.group(1)) if m else _MAX_BATCH_TRACE
         amp, cl = r["dtype"] == "amp_bfloat16", r["layout"] == "channels_last"
-        k = (r["name"], r["impl"], batch, amp, cl)
+        ckpt = _MEASURED_MODES[r["mode"]]
+        k = (r["name"], r["impl"], batch, amp, cl, ckpt)
         if k not in cache:
             t0 = time.perf_counter()
-            tr = trace_step(r["name"], r["impl"], batch, amp=amp, channels_last=cl, optimizer="sgd")
+            try:
+                tr = trace_step(r["name"], r["impl"], batch, amp=amp, channels_last=cl, optimizer="sgd",
+                                checkpointing=ckpt)
+            except ValueError as exc:  # a mode this model or version does not have
+                log(f"  {r['name']} {r['impl']} {r['mode']}: not modelled ({exc})")
+                continue
             cache[k] = predict_step(tr, run.gpu)
-            run.trace_s[f"{r['name']} {r['impl']}"] = time.perf_counter() - t0
-            log(f"  {r['name']} {r['impl']} batch {batch}: traced, predicted {cache[k].step_ms:.1f} ms/step")
+            run.trace_s[f"{r['name']} {r['impl']} {r['mode']}"] = time.perf_counter() - t0
+            log(f"  {r['name']} {r['impl']} {r['mode']} batch {batch}: traced, predicted "
+                f"{cache[k].step_ms:.1f} ms/step")
         if r["metric"] == "max_batch":
             _calib_row(run, r, float(cache[k].max_batch), "max_batch")
         else:
@@ -335,6 +366,9 @@ def run_roofline(args: argparse.Namespace, command: str, log: Callable[[str], No
         if bad or not nets:
             raise RooflineUsageError(f"--nets: unknown value(s) {bad or [args.nets]}; choose from "
                                      f"{', '.join(list_models())}")
+    if args.inductor_check and args.inductor_check not in list_models():
+        raise RooflineUsageError(f"--inductor-check: unknown network {args.inductor_check!r}; choose from "
+                                 f"{', '.join(list_models())}")
     res = Results(device=torch.device("cpu"), threads=torch.get_num_threads(), command=command, quick=False)
     res.info = machine_info(torch.device("cpu"), res.threads)
     res.info["traced_on"] = res.info["device"]
@@ -354,13 +388,32 @@ def run_roofline(args: argparse.Namespace, command: str, log: Callable[[str], No
         layout = "channels_last" if run.channels_last else "nchw"
         for net in nets:
             b, shape = _net_shape(net, batch)
-            for impl in ("reference", "fast"):
-                pred = _trace_net(run, net, impl, b, "nesterov", log)
+            for impl, mode in (("reference", "none"), ("fast", "none"), ("reference+compile", "none"),
+                               ("fast", "selective"), ("fast", "full")):
+                if impl == "reference+compile":
+                    ref = next(p for p in run.predictions if p.trace.net == net and p.trace.impl == "reference")
+                    pred = predict_step(compiled_step(ref.trace), run.gpu)
+                else:
+                    try:
+                        pred = _trace_net(run, net, impl, b, "nesterov", log, checkpointing=mode)
+                    except ValueError as exc:
+                        if mode != "selective":
+                            raise
+                        note = f"{net} fast, selective checkpointing: not traced ({exc})"
+                        if note not in res.notes:
+                            res.notes.append(note)
+                        continue
                 run.predictions.append(pred)
-                key = dict(suite="roofline", name=net, impl=impl, backend="model", mode="train",
+                key = dict(suite="roofline", name=net, impl=impl, backend="model",
+                           mode="train" if mode == "none" else f"train+{mode}",
                            dtype=models_dtype, layout=layout, shape=shape)
                 _step_rows(res, pred, key)
         _ops_rows(run, log)
+        if args.inductor_check:
+            from .inductor_check import cross_check
+
+            run.inductor_check = cross_check(args.inductor_check, 2, amp=dtype == "bf16",
+                                             channels_last=run.channels_last, log=log)
     res.suites_s["roofline"] = time.perf_counter() - t_start
     paths = write_roofline(run, args.out)
     log("wrote " + ", ".join(sorted(paths.values())))

@@ -15,8 +15,10 @@
 // their per-channel partials are combined in one fixed order after the parallel loop,
 // so statistics and gradients are bit-identical run to run and for any thread count.
 //
-// Statistics: within a unit, an exact two-pass mean and M2 (the unit is small enough to
-// be read again from cache); units are merged with Chan's combination
+// Statistics: one streaming pass. Within a unit, shifted sums S1 = sum(x - k) and
+// S2 = sum((x - k)^2) with k a value of the unit itself (its first value per channel), so
+// mean = k + S1 / n and M2 = S2 - S1^2 / n lose nothing to |mean| >> std; units (at most
+// kBnBlock values per channel) are merged with Chan's combination
 // (resattn::welford_combine). Half types load as float32 and round once at the store.
 #pragma once
 
@@ -26,14 +28,26 @@ namespace resattn {
 namespace cpu {
 namespace CPU_CAPABILITY {
 
-// Values per reduction unit (an NCHW plane segment or a channels_last row group): small
-// enough to stay in L2 for its second pass, large enough that the partials are few.
+// Values per reduction unit (an NCHW plane segment or a channels_last row group): short
+// enough sums for float32, long enough that the partials are few.
 constexpr int64_t kBnBlock = 1 << 15;
 // Rows per channels_last group at most: each channel's partial sums accumulate one row
 // at a time, so few channels would otherwise mean long sequential sums.
 constexpr int64_t kBnMaxGroupRows = 256;
+// Rows per pass over a channels_last row group's accumulators.
+constexpr int64_t kBnRowBlock = 4;
 // Values per at::parallel_for task of the elementwise passes.
 constexpr int64_t kBnGrain = 1 << 15;
+
+// The reductions read x (and grad) once, with enough work per value that the hardware
+// prefetchers fall behind (measured on the channels_last statistics: half the bandwidth
+// of a plain sum over the same bytes): their loads are prefetched kBnPrefetchBytes ahead.
+constexpr int64_t kBnPrefetchBytes = 4096;
+
+inline void prefetch_ahead(const void* p) {
+  __builtin_prefetch(static_cast<const char*>(p) + kBnPrefetchBytes);
+  __builtin_prefetch(static_cast<const char*>(p) + kBnPrefetchBytes + 64);
+}
 
 template <typename acc_t>
 inline acc_t hsum(const at::vec::Vectorized<acc_t>& v) {
@@ -74,7 +88,7 @@ struct BnUnits {
 
 // ---- statistics ----------------------------------------------------------------------
 
-// Mean and M2 of n contiguous values, two passes (the run is in cache for the second).
+// Mean and M2 of n contiguous values: shifted sums around p[0] (see the header comment).
 template <typename scalar_t>
 inline void run_mean_m2(const scalar_t* p, int64_t n, typename VecIO<scalar_t>::acc_t* mean_out,
                         typename VecIO<scalar_t>::acc_t* m2_out) {
@@ -82,62 +96,49 @@ inline void run_mean_m2(const scalar_t* p, int64_t n, typename VecIO<scalar_t>::
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int64_t kChunk = IO::kChunk;
-  // The first pass sums x - p[0]: the partial sums stay of the order of the spread, not
-  // of |mean| (accurate means when |mean| >> std).
   const acc_t shift = static_cast<acc_t>(p[0]);
   const Vec vk(shift);
-  Vec s0(0), s1(0), s2(0), s3(0);
+  Vec s0(0), s1(0), s2(0), s3(0), q0(0), q1(0), q2(0), q3(0);
   int64_t i = 0;
   for (; i + 2 * kChunk <= n; i += 2 * kChunk) {
     Vec a, b, c, d;
+    prefetch_ahead(p + i);
+    prefetch_ahead(p + i + kChunk);
     IO::load(p + i, a, b);
     IO::load(p + i + kChunk, c, d);
-    s0 = s0 + (a - vk);
-    s1 = s1 + (b - vk);
-    s2 = s2 + (c - vk);
-    s3 = s3 + (d - vk);
+    a = a - vk;
+    b = b - vk;
+    c = c - vk;
+    d = d - vk;
+    s0 = s0 + a;
+    s1 = s1 + b;
+    s2 = s2 + c;
+    s3 = s3 + d;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
+    q2 = at::vec::fmadd(c, c, q2);
+    q3 = at::vec::fmadd(d, d, q3);
   }
   for (; i + kChunk <= n; i += kChunk) {
     Vec a, b;
     IO::load(p + i, a, b);
-    s0 = s0 + (a - vk);
-    s1 = s1 + (b - vk);
+    a = a - vk;
+    b = b - vk;
+    s0 = s0 + a;
+    s1 = s1 + b;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
   }
   acc_t sum = hsum<acc_t>((s0 + s1) + (s2 + s3));
-  for (; i < n; ++i) sum += static_cast<acc_t>(p[i]) - shift;
-  const acc_t mean = shift + sum / static_cast<acc_t>(n);
-
-  const Vec vm(mean);
-  s0 = s1 = s2 = s3 = Vec(0);
-  i = 0;
-  for (; i + 2 * kChunk <= n; i += 2 * kChunk) {
-    Vec a, b, c, d;
-    IO::load(p + i, a, b);
-    IO::load(p + i + kChunk, c, d);
-    a = a - vm;
-    b = b - vm;
-    c = c - vm;
-    d = d - vm;
-    s0 = at::vec::fmadd(a, a, s0);
-    s1 = at::vec::fmadd(b, b, s1);
-    s2 = at::vec::fmadd(c, c, s2);
-    s3 = at::vec::fmadd(d, d, s3);
-  }
-  for (; i + kChunk <= n; i += kChunk) {
-    Vec a, b;
-    IO::load(p + i, a, b);
-    a = a - vm;
-    b = b - vm;
-    s0 = at::vec::fmadd(a, a, s0);
-    s1 = at::vec::fmadd(b, b, s1);
-  }
-  acc_t m2 = hsum<acc_t>((s0 + s1) + (s2 + s3));
+  acc_t sum2 = hsum<acc_t>((q0 + q1) + (q2 + q3));
   for (; i < n; ++i) {
-    const acc_t d = static_cast<acc_t>(p[i]) - mean;
-    m2 += d * d;
+    const acc_t d = static_cast<acc_t>(p[i]) - shift;
+    sum += d;
+    sum2 += d * d;
   }
-  *mean_out = mean;
-  *m2_out = m2;
+  const acc_t count = static_cast<acc_t>(n);
+  *mean_out = shift + sum / count;
+  *m2_out = std::max(acc_t(0), sum2 - sum * (sum / count));
 }
 
 template <typename scalar_t>
@@ -157,22 +158,21 @@ void bn_stats_nchw(const BatchNormStatsArgs& a) {
   });
   auto* mean = static_cast<acc_t*>(a.mean);
   auto* var = static_cast<acc_t*>(a.var);
-  // Per channel, the units in (n, segment) order.
-  at::parallel_for(0, s.C, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      acc_t n_a = 0, mean_a = 0, m2_a = 0;
-      for (int64_t n = 0; n < s.N; ++n) {
-        for (int64_t seg = 0; seg < units.nseg; ++seg) {
-          const int64_t u = (n * s.C + c) * units.nseg + seg;
-          int64_t lo, hi;
-          units.segment(u, s, &lo, &hi);
-          resattn::welford_combine<acc_t>(n_a, mean_a, m2_a, static_cast<acc_t>(hi - lo), pmean[u], pm2[u]);
-        }
+  // Per channel, the units in (n, segment) order. Serial: N * C combinations cost
+  // microseconds, less than another parallel region (each one a barrier for every thread).
+  for (int64_t c = 0; c < s.C; ++c) {
+    acc_t n_a = 0, mean_a = 0, m2_a = 0;
+    for (int64_t n = 0; n < s.N; ++n) {
+      for (int64_t seg = 0; seg < units.nseg; ++seg) {
+        const int64_t u = (n * s.C + c) * units.nseg + seg;
+        int64_t lo, hi;
+        units.segment(u, s, &lo, &hi);
+        resattn::welford_combine<acc_t>(n_a, mean_a, m2_a, static_cast<acc_t>(hi - lo), pmean[u], pm2[u]);
       }
-      mean[c] = mean_a;
-      var[c] = m2_a / n_a;
     }
-  });
+    mean[c] = mean_a;
+    var[c] = m2_a / n_a;
+  }
 }
 
 // Walks the channel chunks of one channels_last row: f(c, n) for n = kChunk values from
@@ -205,40 +205,50 @@ void bn_stats_cl(const BatchNormStatsArgs& a) {
       acc_t* g2 = pm2.data() + g * C;
       std::fill(gm, gm + C, acc_t(0));
       std::fill(g2, g2 + C, acc_t(0));
-      // The first pass sums x minus the group's first row (see run_mean_m2).
+      // Shifted sums around the group's first row (see the header comment).
       const scalar_t* xk = x + r0 * C;
-      for (int64_t r = r0 + 1; r < r0 + nr; ++r) {
+      // kBnRowBlock rows per walk over the channels: the accumulators are loaded and
+      // stored once per block; each channel still adds its rows in row order.
+      auto rows = [&](int64_t r, auto block) {
+        constexpr int64_t kRows = decltype(block)::value;
         const scalar_t* xr = x + r * C;
         for_each_channel_chunk<kChunk>(C, [&](int64_t c, int64_t n) {
-          Vec s0, s1, x0, x1, k0, k1;
+          Vec s0, s1, q0, q1, k0, k1;
           AIO::load(gm + c, n, s0, s1);
-          if (n == kChunk) {
-            IO::load(xr + c, x0, x1);
-            IO::load(xk + c, k0, k1);
-          } else {
-            IO::load(xr + c, n, x0, x1);
-            IO::load(xk + c, n, k0, k1);
-          }
-          AIO::store(gm + c, n, s0 + (x0 - k0), s1 + (x1 - k1));
-        });
-      }
-      const acc_t n_rows = static_cast<acc_t>(nr);
-      for (int64_t c = 0; c < C; ++c) gm[c] = static_cast<acc_t>(xk[c]) + gm[c] / n_rows;
-      for (int64_t r = r0; r < r0 + nr; ++r) {
-        const scalar_t* xr = x + r * C;
-        for_each_channel_chunk<kChunk>(C, [&](int64_t c, int64_t n) {
-          Vec m0, m1, q0, q1, x0, x1;
-          AIO::load(gm + c, n, m0, m1);
           AIO::load(g2 + c, n, q0, q1);
           if (n == kChunk) {
-            IO::load(xr + c, x0, x1);
+            IO::load(xk + c, k0, k1);
           } else {
-            IO::load(xr + c, n, x0, x1);
+            IO::load(xk + c, n, k0, k1);
           }
-          x0 = x0 - m0;
-          x1 = x1 - m1;
-          AIO::store(g2 + c, n, at::vec::fmadd(x0, x0, q0), at::vec::fmadd(x1, x1, q1));
+          for (int64_t j = 0; j < kRows; ++j) {
+            const scalar_t* xp = xr + j * C + c;
+            Vec x0, x1;
+            prefetch_ahead(xp);
+            if (n == kChunk) {
+              IO::load(xp, x0, x1);
+            } else {
+              IO::load(xp, n, x0, x1);
+            }
+            x0 = x0 - k0;
+            x1 = x1 - k1;
+            s0 = s0 + x0;
+            s1 = s1 + x1;
+            q0 = at::vec::fmadd(x0, x0, q0);
+            q1 = at::vec::fmadd(x1, x1, q1);
+          }
+          AIO::store(gm + c, n, s0, s1);
+          AIO::store(g2 + c, n, q0, q1);
         });
+      };
+      int64_t r = r0 + 1;
+      for (; r + kBnRowBlock <= r0 + nr; r += kBnRowBlock) rows(r, std::integral_constant<int64_t, kBnRowBlock>());
+      for (; r < r0 + nr; ++r) rows(r, std::integral_constant<int64_t, 1>());
+      const acc_t count = static_cast<acc_t>(nr);
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t sum = gm[c];
+        gm[c] = static_cast<acc_t>(xk[c]) + sum / count;
+        g2[c] = std::max(acc_t(0), g2[c] - sum * (sum / count));
       }
     }
   });
@@ -385,6 +395,8 @@ inline void run_dy_sums(const scalar_t* g, const scalar_t* x, int64_t n, typenam
   int64_t i = 0;
   for (; i + kChunk <= n; i += kChunk) {
     Vec g0, g1, x0, x1;
+    prefetch_ahead(g + i);
+    prefetch_ahead(x + i);
     IO::load(g + i, g0, g1);
     IO::load(x + i, x0, x1);
     x0 = x0 - vm;
@@ -469,31 +481,45 @@ void bn_backward_reduce_cl(const BatchNormBackwardReduceArgs& a) {
       std::fill(ud, ud + C, acc_t(0));
       std::fill(ue, ue + C, acc_t(0));
       const int64_t r0 = u * units.rows, r1 = r0 + units.group_rows(u);
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* gr = g + r * C;
-        const scalar_t* xr = x + r * C;
+      // Blocks of kBnRowBlock rows, as in bn_stats_cl.
+      auto rows = [&](int64_t r, auto block) {
+        constexpr int64_t kRows = decltype(block)::value;
         for_each_channel_chunk<kChunk>(C, [&](int64_t c, int64_t n) {
-          Vec g0, g1, x0, x1, m0, m1, s0, s1, b0, b1, d0, d1, e0, e1;
-          if (n == kChunk) {
-            IO::load(gr + c, g0, g1);
-            IO::load(xr + c, x0, x1);
-          } else {
-            IO::load(gr + c, n, g0, g1);
-            IO::load(xr + c, n, x0, x1);
-          }
+          Vec m0, m1, s0, s1, b0, b1, d0, d1, e0, e1;
           AIO::load(mean + c, n, m0, m1);
           AIO::load(scale + c, n, s0, s1);
           AIO::load(bias + c, n, b0, b1);
           AIO::load(ud + c, n, d0, d1);
           AIO::load(ue + c, n, e0, e1);
-          x0 = x0 - m0;
-          x1 = x1 - m1;
-          g0 = g0 & (at::vec::fmadd(x0, s0, b0) > zero);
-          g1 = g1 & (at::vec::fmadd(x1, s1, b1) > zero);
-          AIO::store(ud + c, n, d0 + g0, d1 + g1);
-          AIO::store(ue + c, n, at::vec::fmadd(g0, x0, e0), at::vec::fmadd(g1, x1, e1));
+          for (int64_t j = 0; j < kRows; ++j) {
+            const scalar_t* gp = g + (r + j) * C + c;
+            const scalar_t* xp = x + (r + j) * C + c;
+            Vec g0, g1, x0, x1;
+            prefetch_ahead(gp);
+            prefetch_ahead(xp);
+            if (n == kChunk) {
+              IO::load(gp, g0, g1);
+              IO::load(xp, x0, x1);
+            } else {
+              IO::load(gp, n, g0, g1);
+              IO::load(xp, n, x0, x1);
+            }
+            x0 = x0 - m0;
+            x1 = x1 - m1;
+            g0 = g0 & (at::vec::fmadd(x0, s0, b0) > zero);
+            g1 = g1 & (at::vec::fmadd(x1, s1, b1) > zero);
+            d0 = d0 + g0;
+            d1 = d1 + g1;
+            e0 = at::vec::fmadd(g0, x0, e0);
+            e1 = at::vec::fmadd(g1, x1, e1);
+          }
+          AIO::store(ud + c, n, d0, d1);
+          AIO::store(ue + c, n, e0, e1);
         });
-      }
+      };
+      int64_t r = r0;
+      for (; r + kBnRowBlock <= r1; r += kBnRowBlock) rows(r, std::integral_constant<int64_t, kBnRowBlock>());
+      for (; r < r1; ++r) rows(r, std::integral_constant<int64_t, 1>());
     }
   });
   auto* sum_dy = static_cast<acc_t*>(a.sum_dy);

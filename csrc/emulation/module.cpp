@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cuda_common.cuh"
 #include "cuda_emulation.h"
 #include "schemas.h"
 
@@ -93,6 +94,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Shared-memory exchange between threads, with or without the barrier it needs.");
   m.def("selftest_out_of_bounds_write", &resattn::emu_selftest::out_of_bounds_write,
         "A kernel that writes one element past the end of its output (for AddressSanitizer).");
+  m.def("fits_int32", &resattn::cuda::fits_int32,
+        "The CUDA kernels' index decision: true if 32-bit offsets reach every element of t.");
   m.def("selftest_misaligned_vector_read", &resattn::emu_selftest::misaligned_vector_read,
         "A kernel that reads 128-bit vectors from a pointer 4 bytes off alignment (for UBSan).");
 }

@@ -191,10 +191,14 @@ class _BatchNormReLUIdentity(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, mean, var)
         ctx.training, ctx.eps, ctx.backward_op = training, eps, ops3[1]
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
         return out, x.view_as(x), mean, var
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, grad_identity: torch.Tensor, _gm: Any, _gv: Any) -> Tuple[Any, ...]:
+    def backward(ctx: Any, grad: Optional[torch.Tensor], grad_identity: Optional[torch.Tensor],
+                 _gm: Any, _gv: Any) -> Tuple[Any, ...]:
+        if grad is None:  # only the identity was used: its gradient passes through
+            return (grad_identity,) + (None,) * 7
         x, weight, bias, mean, var = ctx.saved_tensors
         need = ctx.needs_input_grad
         weight_grads = bool((weight is not None and need[1]) or (bias is not None and need[2]))

@@ -160,8 +160,13 @@ def register_batch_norm_relu(forward: Any, backward: Any, update: Any, *, fakes:
         ctx.save_for_backward(x, weight, bias, mean, var)
         ctx.training, ctx.eps = bool(training), float(eps)
         ctx.mark_non_differentiable(mean, var)
+        # mean and var never receive a gradient: without this autograd would fill two
+        # (C,) zero tensors per call (two kernel launches each on a GPU) to pass here.
+        ctx.set_materialize_grads(False)
 
-    def backward_fn(ctx: Any, grad: torch.Tensor, _gm: Any, _gv: Any) -> Tuple[Any, ...]:
+    def backward_fn(ctx: Any, grad: Optional[torch.Tensor], _gm: Any, _gv: Any) -> Tuple[Any, ...]:
+        if grad is None:  # the output was not used
+            return (None,) * 7
         x, weight, bias, mean, var = ctx.saved_tensors
         need = ctx.needs_input_grad
         weight_grads = bool((weight is not None and need[1]) or (bias is not None and need[2]))

@@ -24,6 +24,7 @@ __all__ = [
     "flat_grid",
     "needs_fake",
     "needs_int64",
+    "opaque_when_interpreted",
     "same_layout",
     "size_class",
     "triton_op_kwargs",
@@ -95,6 +96,25 @@ def needs_fake(op: Any) -> bool:
     so nothing is needed where it does that; a torch that did not would get the shared
     fakes, which describe the same shapes, dtypes and layouts."""
     return getattr(op, "_abstract_fn", None) is None
+
+
+def opaque_when_interpreted(op: Any) -> None:
+    """Under TRITON_INTERPRET=1, keep ``op`` (a ``triton_op``) one opaque node in the graphs
+    that AOTDispatcher (torch.compile, opcheck) traces, as a plain custom op is.
+
+    A ``triton_op`` is decomposed into its body there, so that the compiled graph holds
+    its ``wrap_triton`` launches; an interpreted kernel cannot be recorded that way (the
+    graph would hold the allocations only). Kept whole, the op runs its kernels, under
+    the interpreter, when the graph runs. Compiled (a GPU), nothing changes."""
+    if not INTERPRETED:
+        return
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def keep_whole(mode: Any, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        # What triton_op itself does when custom_triton_ops decomposition is disabled.
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, keep_whole)
 
 
 def size_class(n: int) -> int:

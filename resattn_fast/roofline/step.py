@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,11 @@ from .trace import (
     region_of_module,
 )
 
-__all__ = ["StepTrace", "OpTrace", "trace_step", "trace_op", "fast_backend_problem"]
+__all__ = ["StepTrace", "OpTrace", "trace_step", "trace_op", "fast_backend_problem", "CHECKPOINT_MODES"]
+
+# set_grad_checkpointing's modes: keep everything; recompute the BN-ReLU outputs from the
+# unit inputs and statistics (no convolution reruns); recompute each block.
+CHECKPOINT_MODES = ("none", "selective", "full")
 
 
 @dataclass
@@ -53,12 +57,14 @@ class StepTrace:
     optimizer: str
     records: List[KernelRecord]
     fwd_flops_per_image: float  # the forward's records' FLOPs (flop_counter's formulas) / batch
-    activation_bytes: int  # kept for backward (saved tensors), parameters excluded
+    activation_bytes: int  # alive at the end of the forward pass (kept for backward), with the input batch
+    peak_bytes: int  # most alive at once from the forward's start to the backward's end (the same storages)
     param_bytes: int
     grad_bytes: int
     optimizer_state_bytes: int
     buffer_bytes: int
     ops_seen: Dict[str, int] = field(default_factory=dict)
+    checkpointing: str = "none"
 
 
 def fast_backend_problem() -> Optional[str]:
@@ -68,31 +74,14 @@ def fast_backend_problem() -> Optional[str]:
     return _why_not("cpu", "cpu")
 
 
-def _storage_key(t: torch.Tensor) -> Any:
-    from torch.multiprocessing.reductions import StorageWeakRef
-
-    return StorageWeakRef(t.untyped_storage()).cdata
-
-
-@contextlib.contextmanager
-def _saved_bytes(exclude: Sequence[torch.Tensor]) -> Any:
-    """Bytes of the unique storages autograd saves for backward while active."""
-    skip = {_storage_key(t) for t in exclude}
-    seen: Dict[Any, int] = {}
-    keep: List[torch.Tensor] = []  # keeps storages alive so that keys are not reused
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = _storage_key(t)
-        if key not in skip and key not in seen:
-            seen[key] = t.untyped_storage().nbytes()
-            keep.append(t)
-        return t
-
-    out: Dict[str, int] = {}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield out
-    out["bytes"] = int(sum(seen.values()))
-    keep.clear()
+def _set_checkpointing(model: torch.nn.Module, mode: str) -> None:
+    """``model.set_grad_checkpointing(mode)``, checking that the mode took effect."""
+    if mode not in CHECKPOINT_MODES:
+        raise ValueError(f"checkpointing must be one of {CHECKPOINT_MODES}, got {mode!r}")
+    model.set_grad_checkpointing({"none": False, "full": True}.get(mode, mode))  # type: ignore[operator]
+    if mode == "selective" and getattr(model, "checkpoint_mode", None) != "selective":
+        raise ValueError("this resattn_fast has no selective checkpointing: set_grad_checkpointing('selective') "
+                         "is not one of its modes")
 
 
 def _to_channels_last(model: torch.nn.Module) -> None:
@@ -125,18 +114,29 @@ def _check_ops(impl: str, ops_seen: Dict[str, int]) -> None:
 
 
 def trace_step(net: str, impl: str, batch: int, *, amp: bool = True, channels_last: bool = True,
-               optimizer: str = "nesterov") -> StepTrace:
+               optimizer: str = "nesterov", checkpointing: str = "none",
+               image_size: Optional[int] = None) -> StepTrace:
     """Trace one training step of ``net`` (a create_model name) built with ``impl``
-    ("reference" or "fast"), at ``batch`` images."""
+    ("reference" or "fast"), at ``batch`` images of ``image_size`` (default: the
+    network's), with ``model.set_grad_checkpointing(checkpointing)``.
+
+    Memory: the storages the step creates are followed from birth to death
+    (``LiveStorages``; parameters, buffers, optimizer state and the parameters' gradients
+    left out, the input batch counted): ``activation_bytes`` is what is alive when the
+    forward pass ends, ``peak_bytes`` the most alive at once until the backward pass ends
+    (recomputation included)."""
     import resattn_fast
     from resattn_fast.models import CONFIGS
 
-    size = CONFIGS[net].input_size
-    tracer = Tracer()
+    size = image_size or CONFIGS[net].input_size
+    tracer = Tracer(memory=True)
+    mem = tracer.memory
+    assert mem is not None
     with FakeTensorMode():
         torch.manual_seed(0)
         model = resattn_fast.create_model(net, impl=impl, backend="cpu" if impl == "fast" else None)
         model.train()
+        _set_checkpointing(model, checkpointing)
         if channels_last:
             _to_channels_last(model)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -153,22 +153,27 @@ def trace_step(net: str, impl: str, batch: int, *, amp: bool = True, channels_la
             raise ValueError(f"optimizer must be 'nesterov' or 'sgd', got {optimizer!r}")
         _instrument(model, tracer)
         autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if amp else contextlib.nullcontext())
+        state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        mem.ignore(params + list(model.buffers()) + state + [x, y])
 
-        def step() -> Dict[str, int]:
-            with _saved_bytes(params) as saved:
-                with autocast:
-                    loss = F.cross_entropy(model(x), y)
+        def step() -> None:
+            with autocast:
+                loss = F.cross_entropy(model(x), y)
+            mem.mark("forward")
             tracer.phase = "backward"
             loss.backward()
+            del loss
+            mem.mark("backward")
             tracer.phase = "optimizer"
             opt.step()
-            return saved
 
         with tracer:
-            saved = step()
+            step()
         records = tracer.records
         ops_seen = dict(tracer.ops_seen)
         _check_ops(impl, ops_seen)
+        grads = {mem.serial(p.grad) for p in params if p.grad is not None} - {None}
+        input_bytes = x.untyped_storage().nbytes()
         param_bytes = sum(p.numel() * p.element_size() for p in params)
         grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
         state_bytes = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
@@ -177,8 +182,9 @@ def trace_step(net: str, impl: str, batch: int, *, amp: bool = True, channels_la
     return StepTrace(
         net=net, impl=impl, batch=batch, input_size=size, amp=amp, channels_last=channels_last,
         optimizer=optimizer, records=records, fwd_flops_per_image=sum(r.flops for r in records if r.phase == "forward") / batch,
-        activation_bytes=saved["bytes"], param_bytes=param_bytes, grad_bytes=grad_bytes,
-        optimizer_state_bytes=state_bytes, buffer_bytes=buffer_bytes, ops_seen=ops_seen)
+        activation_bytes=input_bytes + mem.live_bytes("forward", grads),
+        peak_bytes=input_bytes + mem.peak_bytes("backward", grads), param_bytes=param_bytes, grad_bytes=grad_bytes,
+        optimizer_state_bytes=state_bytes, buffer_bytes=buffer_bytes, ops_seen=ops_seen, checkpointing=checkpointing)
 
 
 @dataclass
@@ -192,16 +198,23 @@ class OpTrace:
 
 def trace_op(op: str, impl: str, shapes: Sequence[Tuple[int, ...]], out_hw: Optional[Tuple[int, int]],
              dtype: torch.dtype, channels_last: bool) -> OpTrace:
-    """Trace ``op`` ("upsample_bilinear_add" or "attention_residual") on inputs of
-    ``shapes`` (upsample: x[, skip]; attention: mask_logits, trunk) in ``dtype``. Forward
-    alone runs without autograd (as the ops suite's "fwd" rows), the backward is
-    ``torch.autograd.grad`` of every input."""
+    """Trace ``op`` ("upsample_bilinear_add", "attention_residual" or "batch_norm_relu") on
+    inputs of ``shapes`` (upsample: x[, skip]; attention: mask_logits, trunk; BN-ReLU: x, in
+    training, with float32 weight, bias and running statistics) in ``dtype``. Forward alone
+    runs without autograd (as the ops suite's "fwd" rows), the backward is
+    ``torch.autograd.grad`` of every input (and of the BN-ReLU's weight and bias)."""
     import resattn_fast.ops as fused
     from resattn_fast.reference import ops as ref
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    params: List[torch.Tensor] = []
+    stats: List[torch.Tensor] = []
 
     def fn(*xs: torch.Tensor) -> torch.Tensor:
+        if op == "batch_norm_relu":
+            f = fused.batch_norm_relu if impl == "fused" else ref.batch_norm_relu
+            kw = {"backend": "cpu"} if impl == "fused" else {}
+            return f(xs[0], stats[0], stats[1], params[0], params[1], True, 0.1, 1e-5, **kw)  # type: ignore[return-value]
         if op == "upsample_bilinear_add":
             skip = xs[1] if len(xs) > 1 else None
             if impl == "fused":
@@ -214,6 +227,10 @@ def trace_op(op: str, impl: str, shapes: Sequence[Tuple[int, ...]], out_hw: Opti
     out: Dict[str, List[KernelRecord]] = {}
     with FakeTensorMode():
         xs = [torch.randn(*s, dtype=dtype).contiguous(memory_format=fmt).requires_grad_() for s in shapes]
+        if op == "batch_norm_relu":
+            c = shapes[0][1]
+            params += [torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)]
+            stats += [torch.zeros(c), torch.ones(c)]
         tracer = Tracer()
         with tracer, torch.no_grad():
             y = fn(*xs)
@@ -223,12 +240,12 @@ def trace_op(op: str, impl: str, shapes: Sequence[Tuple[int, ...]], out_hw: Opti
         tracer = Tracer()
         tracer.phase = "backward"
         with tracer:
-            torch.autograd.grad(y, xs, g)
+            torch.autograd.grad(y, xs + params, g)
         out["bwd"] = tracer.records
         tracer = Tracer()
         with tracer:
             y = fn(*xs)
             tracer.phase = "backward"
-            torch.autograd.grad(y, xs, g)
+            torch.autograd.grad(y, xs + params, g)
         out["fwd+bwd"] = tracer.records
     return OpTrace(op=op, impl=impl, records=out)

@@ -7,9 +7,10 @@ DRAM bandwidth), never both, and caches are ignored (every tensor comes from DRA
 Peak rates are not reached in practice, so the times are lower bounds and the shares of
 the memory-bound classes are what to read; one GPU run (``--measured``) says how far off.
 
-Memory of a step: parameters + gradients + optimizer state + buffers + the activations
-kept for backward + a workspace of twice the largest tensor the step writes, within the
-GPU's usable memory (devices.Gpu.usable_bytes).
+Memory of a step: parameters + gradients + optimizer state + buffers + the peak of
+everything else the step holds at once (activations kept for backward, gradients and
+temporaries in flight, recomputation in backward; ``StepTrace.peak_bytes``, followed
+storage by storage), within the GPU's usable memory (devices.Gpu.usable_bytes).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable
 
 from .devices import Gpu
 from .step import StepTrace
-from .trace import CLASSES, SOFT_MASK_CLASSES, KernelRecord
+from .trace import BN_RELU_ADD_CLASSES, CLASSES, SOFT_MASK_CLASSES, KernelRecord
 
 __all__ = ["kernel_seconds", "StepPrediction", "predict_step", "predict_kernels", "max_batch"]
 
@@ -72,19 +73,20 @@ class StepPrediction:
     def soft_mask_share(self) -> float:
         return sum(self.share(c) for c in SOFT_MASK_CLASSES)
 
+    @property
+    def bn_relu_add_share(self) -> float:
+        """Batch norm, ReLU, the residual adds and gradient sums, fused or not."""
+        return sum(self.share(c) for c in BN_RELU_ADD_CLASSES)
+
 
 def _static_bytes(tr: StepTrace) -> float:
     return float(tr.param_bytes + tr.grad_bytes + tr.optimizer_state_bytes + tr.buffer_bytes)
 
 
-def _workspace_bytes(records: List[KernelRecord]) -> float:
-    return 2.0 * max((r.write_bytes for r in records if r.phase != "optimizer"), default=0)
-
-
 def max_batch(tr: StepTrace, gpu: Gpu) -> int:
-    """Largest batch whose predicted memory fits: activations and the workspace grow in
-    proportion to the batch, parameters, gradients and optimizer state do not."""
-    per_image = (tr.activation_bytes + _workspace_bytes(tr.records)) / tr.batch
+    """Largest batch whose predicted memory fits: the step's peak grows in proportion to
+    the batch; parameters, gradients, optimizer state and buffers do not."""
+    per_image = tr.peak_bytes / tr.batch
     room = gpu.usable_bytes() - _static_bytes(tr)
     if per_image <= 0 or room <= 0:
         return 0
@@ -104,7 +106,7 @@ def predict_step(tr: StepTrace, gpu: Gpu) -> StepPrediction:
         phase_ms[r.phase] = phase_ms.get(r.phase, 0.0) + ms
         if r.matmul and r.flops / gpu.matmul_rate(r.dtype, r.op) > r.bytes / gpu.bandwidth:
             compute_ms += ms
-    memory = _static_bytes(tr) + tr.activation_bytes + _workspace_bytes(tr.records)
+    memory = _static_bytes(tr) + tr.peak_bytes
     return StepPrediction(
         trace=tr, gpu=gpu, step_ms=sum(class_ms.values()), class_ms=class_ms, class_bytes=class_bytes,
         phase_ms=phase_ms, step_bytes=float(sum(r.bytes for r in tr.records)),

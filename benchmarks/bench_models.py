@@ -21,8 +21,9 @@ Rows per network and implementation:
 
 Implementations: ``reference`` (plain PyTorch modules), ``fast`` (fused ops with an
 explicit backend), each of them under torch.compile (``+compile``), and in training the
-gradient-checkpointing modes of ``set_grad_checkpointing`` (``fast+selective``,
-``fast+full``; ``reference+full`` in the largest-batch search). The eager implementations of a network and mode are
+gradient-checkpointing modes of ``set_grad_checkpointing`` (rows of mode
+``train+selective`` and ``train+full`` of the fast model; the reference too in ``train+full``
+in the largest-batch search). The eager implementations of a network and mode are
 timed side by side, one step of each in turn (``measure_interleaved``), so that their
 ratios hold on a busy machine.
 """
@@ -69,8 +70,15 @@ class ModelImpl:
 
     @property
     def label(self) -> str:
-        ckpt = "" if self.checkpointing == "none" else "+" + self.checkpointing
-        return self.impl + ("+compile" if self.compiled else "") + ckpt
+        return self.impl + ("+compile" if self.compiled else "")
+
+    def row_mode(self, mode: str) -> str:
+        """The mode column of its rows: "train", or "train+selective" / "train+full"."""
+        return mode if self.checkpointing == "none" else f"{mode}+{self.checkpointing}"
+
+    @property
+    def tag(self) -> str:
+        return self.label + ("" if self.checkpointing == "none" else "+" + self.checkpointing)
 
 
 @dataclass
@@ -195,7 +203,7 @@ def _prepare(res: Results, case: ModelCase, mi: ModelImpl, mode: str, device: to
     else:
         run = model
     amp = plan.amp_dtype
-    common = dict(key, mode=mode)
+    common = dict(key, mode=mi.row_mode(mode))
     if mode == "train":
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -249,10 +257,10 @@ def _time_rows(res: Results, prepared: List[_Prepared], case: ModelCase, device:
     """Time the prepared implementations side by side (one call of each per round)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    stats = measure_interleaved({p.mi.label: (p.fn, None) for p in prepared}, device, warmup=plan.warmup,
+    stats = measure_interleaved({p.mi.tag: (p.fn, None) for p in prepared}, device, warmup=plan.warmup,
                                 min_reps=plan.min_reps, max_reps=plan.max_reps, max_time_s=plan.max_time_s)
     for p in prepared:
-        _rows_from_times(res, p.common, stats[p.mi.label], case.batch)
+        _rows_from_times(res, p.common, stats[p.mi.tag], case.batch)
     if device.type == "cuda" and len(prepared) == 1:
         peak = float(torch.cuda.max_memory_allocated(device))
         _add_value(res, prepared[0].common, "peak_memory", "bytes", peak)
@@ -310,12 +318,12 @@ def _rows(jobs: List[Tuple[ModelCase, ModelImpl]], device: torch.device, plan: M
             groups += [(c, mode, [m]) for m in ms if m.compiled]
     took: dict = {}  # (network, mode) -> seconds per implementation of the rows measured so far
     for case, mode, impls in groups:
-        keys = {mi.label: dict(suite="models", name=case.net, impl=mi.label, backend=mi.backend,
-                               dtype=dname, layout=layout, shape=case.shape) for mi in impls}
+        keys = {mi: dict(suite="models", name=case.net, impl=mi.label, backend=mi.backend,
+                         dtype=dname, layout=layout, shape=case.shape) for mi in impls}
         if any(mi.compiled for mi in impls) and plan.compile_nets is not None and \
                 case.net not in plan.compile_nets:
-            for key in keys.values():
-                res.skip(**key, mode=mode, reason="torch.compile of this network is left out of this run (a "
+            for mi, key in keys.items():
+                res.skip(**key, mode=mi.row_mode(mode), reason="torch.compile of this network is left out of this run (a "
                                                   "whole-network compilation takes minutes on a small CPU; "
                                                   "the full run compiles it)")
             continue
@@ -327,16 +335,16 @@ def _rows(jobs: List[Tuple[ModelCase, ModelImpl]], device: torch.device, plan: M
         compiled = any(mi.compiled for mi in impls)
         need = (plan.compile_estimate_s if compiled else likely * len(impls)) + reserve_s
         if deadline.expired(need):
-            for key in keys.values():
-                res.skip(**key, mode=mode, reason=f"time budget of the models suite ({plan.budget_s:.0f} s) used up")
+            for mi, key in keys.items():
+                res.skip(**key, mode=mi.row_mode(mode), reason=f"time budget of the models suite ({plan.budget_s:.0f} s) used up")
             continue
         t0 = time.perf_counter()
-        labels = ", ".join(f"{mi.label}[{mi.backend}]" for mi in impls)
+        labels = ", ".join(f"{mi.tag}[{mi.backend}]" for mi in impls)
         memory_only = case.net in plan.memory_only_nets
         prepared: List[_Prepared] = []
         try:
             for mi in impls:
-                p = _prepare(res, case, mi, mode, device, plan, keys[mi.label], memory_only)
+                p = _prepare(res, case, mi, mode, device, plan, keys[mi], memory_only)
                 if p is not None:
                     prepared.append(p)
                 else:
@@ -349,11 +357,11 @@ def _rows(jobs: List[Tuple[ModelCase, ModelImpl]], device: torch.device, plan: M
             log(f"  {case.net} {case.shape} {labels} {what}: {time.perf_counter() - t0:.1f} s")
         except Exception as exc:  # one failing group must not end the run
             msg = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
-            done = {r.impl for r in res.find(suite="models", name=case.net, mode=mode, shape=case.shape,
-                                             metric="time")}
+            done = {(r.impl, r.mode) for r in res.find(suite="models", name=case.net, shape=case.shape,
+                                                       metric="time")}
             for mi in impls:
-                if mi.label not in done:
-                    res.skip(**keys[mi.label], mode=mode, reason=msg)
+                if (mi.label, mi.row_mode(mode)) not in done:
+                    res.skip(**keys[mi], mode=mi.row_mode(mode), reason=msg)
             log(f"  skipped {case.net} {labels} {mode}: {msg[:200]}")
         finally:
             prepared.clear()
@@ -370,7 +378,7 @@ def _max_batch(device: torch.device, plan: ModelsPlan, res: Results, deadline: D
     if plan.max_batch_net and device.type == "cuda":
         case = ModelCase(plan.max_batch_net, 0, plan.max_batch_input)
         for mi in _max_batch_impls(plan):
-            mode = "train"  # the label carries the checkpointing mode
+            mode = mi.row_mode("train")
             key = dict(suite="models", name=case.net, impl=mi.label, backend=mi.backend, mode=mode,
                        dtype=dname, layout=layout, shape=f"Nx3x{case.input_size}x{case.input_size}")
             limit = min(plan.max_batch_limit_s, deadline.left())

@@ -262,10 +262,16 @@ _CKPT_ORDER = {"selective": 1, "full": 2}
 CHECKPOINTING_TARGETS: Dict[str, Tuple[float, float]] = {"selective": (0.6, 1.10), "full": (0.3, 1.45)}
 
 
-def _ckpt_mode(label: str) -> str:
-    """The checkpointing mode in a model label ("fast[cpu]+selective" -> "selective")."""
-    last = label.rsplit("+", 1)[-1]
+def _ckpt_mode(mode: str) -> str:
+    """The checkpointing mode of a models row's mode ("train+selective" -> "selective")."""
+    last = mode.rsplit("+", 1)[-1]
     return last if last in _CKPT_ORDER else "none"
+
+
+def _mode_label(r: Row) -> str:
+    """impl label with the row's checkpointing mode: "fast[cpu]+selective"."""
+    ckpt = _ckpt_mode(r.mode)
+    return impl_label(r) + ("" if ckpt == "none" else "+" + ckpt)
 
 
 def _model_labels(res: Results) -> List[str]:
@@ -273,8 +279,7 @@ def _model_labels(res: Results) -> List[str]:
     for r in res.rows:
         if r.suite == "models" and r.metric != "max_batch":
             labels[impl_label(r)] = None
-    return sorted(labels, key=lambda s: (not s.startswith("reference"), "compile" in s,
-                                         s.split("+")[0], _CKPT_ORDER.get(_ckpt_mode(s), 0), s))
+    return sorted(labels, key=lambda s: (not s.startswith("reference"), "compile" in s, s))
 
 
 def _memory_lines(res: Results) -> List[str]:
@@ -285,12 +290,15 @@ def _memory_lines(res: Results) -> List[str]:
     nets = OrderedDict(((r.name, r.shape, r.dtype), None) for r in res.rows
                        if r.suite == "models" and r.metric == "activation_bytes")
     for name, shape, dtype in nets:
-        key = dict(suite="models", name=name, shape=shape, dtype=dtype, mode="train")
-        acts = {impl_label(r): r for r in res.find(metric="activation_bytes", **key)}
-        peaks = {impl_label(r): r for r in res.find(metric="step_peak_bytes", **key)}
-        times = {impl_label(r): r for r in res.find(metric="time", **key)}
+        key = dict(suite="models", name=name, shape=shape, dtype=dtype)
+        train = [r for r in res.find(**key) if r.mode.split("+")[0] == "train"]
+        acts = {_mode_label(r): r for r in train if r.metric == "activation_bytes"}
+        peaks = {_mode_label(r): r for r in train if r.metric == "step_peak_bytes"}
+        times = {_mode_label(r): r for r in train if r.metric == "time"}
         ref = acts.get("reference")
-        for lb in [lb for lb in _model_labels(res) if lb in acts]:
+        order = sorted(acts, key=lambda s: (not s.startswith("reference"), "compile" in s, s.split("+")[0],
+                                            _CKPT_ORDER.get(_ckpt_mode(s), 0), s))
+        for lb in order:
             a, pk, t = acts[lb], peaks.get(lb), times.get(lb)
             base_t = times.get(lb.rsplit("+", 1)[0]) if _ckpt_mode(lb) != "none" else None
             ratio_a = _ratio(a.median, ref.median) if ref else math.nan

@@ -15,7 +15,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .common import CSV_COLUMNS, Results, Row
 
-__all__ = ["write_outputs", "headline_lines", "impl_label", "CPU_TARGETS", "GPU_TARGETS"]
+__all__ = ["write_outputs", "headline_lines", "impl_label", "CPU_TARGETS", "GPU_TARGETS",
+           "CHECKPOINTING_TARGETS"]
 
 OPS = ("upsample_bilinear_add", "attention_residual")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -253,12 +254,87 @@ def _ops_mem_lines(res: Results) -> List[str]:
         _table(["op", "shape", "dtype", "layout", *labels], rows) + [""]
 
 
+_CKPT_ORDER = {"selective": 1, "full": 2}
+
+# Memory and speed targets of the gradient-checkpointing modes (issue 16): activation
+# bytes at most this fraction of the reference's, training step time at most this multiple
+# of the fast model's without checkpointing.
+CHECKPOINTING_TARGETS: Dict[str, Tuple[float, float]] = {"selective": (0.6, 1.10), "full": (0.3, 1.45)}
+
+
+def _ckpt_mode(mode: str) -> str:
+    """The checkpointing mode of a models row's mode ("train+selective" -> "selective")."""
+    last = mode.rsplit("+", 1)[-1]
+    return last if last in _CKPT_ORDER else "none"
+
+
+def _mode_label(r: Row) -> str:
+    """impl label with the row's checkpointing mode: "fast[cpu]+selective"."""
+    ckpt = _ckpt_mode(r.mode)
+    return impl_label(r) + ("" if ckpt == "none" else "+" + ckpt)
+
+
 def _model_labels(res: Results) -> List[str]:
     labels: OrderedDict[str, None] = OrderedDict()
     for r in res.rows:
         if r.suite == "models" and r.metric != "max_batch":
             labels[impl_label(r)] = None
     return sorted(labels, key=lambda s: (not s.startswith("reference"), "compile" in s, s))
+
+
+def _memory_lines(res: Results) -> List[str]:
+    """Per network: activations kept for backward and the peak of one training step
+    (every storage the step allocates, benchmarks/memory.py), and the step time, for the
+    reference and each checkpointing mode of the fast model; then the targets."""
+    rows, targets = [], []
+    nets = OrderedDict(((r.name, r.shape, r.dtype), None) for r in res.rows
+                       if r.suite == "models" and r.metric == "activation_bytes")
+    for name, shape, dtype in nets:
+        key = dict(suite="models", name=name, shape=shape, dtype=dtype)
+        train = [r for r in res.find(**key) if r.mode.split("+")[0] == "train"]
+        acts = {_mode_label(r): r for r in train if r.metric == "activation_bytes"}
+        peaks = {_mode_label(r): r for r in train if r.metric == "step_peak_bytes"}
+        times = {_mode_label(r): r for r in train if r.metric == "time"}
+        ref = acts.get("reference")
+        order = sorted(acts, key=lambda s: (not s.startswith("reference"), "compile" in s, s.split("+")[0],
+                                            _CKPT_ORDER.get(_ckpt_mode(s), 0), s))
+        for lb in order:
+            a, pk, t = acts[lb], peaks.get(lb), times.get(lb)
+            base_t = times.get(lb.rsplit("+", 1)[0]) if _ckpt_mode(lb) != "none" else None
+            ratio_a = _ratio(a.median, ref.median) if ref else math.nan
+            ratio_t = _ratio(t.median, base_t.median) if t and base_t else math.nan
+            ref_pk = peaks.get("reference")
+            rows.append([name, shape, dtype, lb, _fmt_bytes(a.median),
+                         _fmt_x(ratio_a) if ref and lb != "reference" else "",
+                         _fmt_bytes(pk.median) if pk else "—",
+                         _fmt_x(_ratio(pk.median, ref_pk.median)) if pk and ref_pk and lb != "reference" else "",
+                         _fmt_ms(t.median) if t else "memory only",
+                         _fmt_x(ratio_t) if math.isfinite(ratio_t) else ""])
+            mode = _ckpt_mode(lb)
+            if mode in CHECKPOINTING_TARGETS and lb.startswith("fast") and "compile" not in lb:
+                max_mem, max_time = CHECKPOINTING_TARGETS[mode]
+                if ref:
+                    targets.append([name, shape, lb, f"activations <= {max_mem:g}x reference",
+                                    _fmt_x(ratio_a), "met" if ratio_a <= max_mem else "NOT MET"])
+                if math.isfinite(ratio_t):
+                    targets.append([name, shape, lb, f"step time <= {max_time:.2f}x fast without checkpointing",
+                                    _fmt_x(ratio_t), "met" if ratio_t <= max_time else "NOT MET"])
+    if not rows:
+        return []
+    out = ["### Training memory and time per gradient-checkpointing mode", "",
+           "Activations: the bytes a training step has allocated and still holds at the end of "
+           "the forward pass (what backward keeps, plus logits and loss). Step peak: parameters, "
+           "buffers, optimizer state and the batch, plus the most the step's own allocations held "
+           "at once (activations, gradients, recomputed tensors). Both measured by following every "
+           "tensor storage the step allocates and frees (benchmarks/memory.py: a TorchDispatchMode "
+           "that sees inside checkpointed regions and recomputations, unlike saved-tensor hooks). "
+           "Step times of one network are measured side by side, one step of each in turn.", ""]
+    out += _table(["network", "input", "dtype", "impl", "activations", "vs reference", "step peak",
+                   "vs reference", "step time", "vs same impl without checkpointing"], rows) + [""]
+    if targets:
+        out += ["### Targets of the checkpointing modes", ""]
+        out += _table(["network", "input", "impl", "target", "measured", "verdict"], targets) + [""]
+    return out
 
 
 def _models_lines(res: Results) -> List[str]:
@@ -269,7 +345,8 @@ def _models_lines(res: Results) -> List[str]:
     out = []
     for title, metric, fmt in (
         ("Throughput (images/s), and speedup vs eager reference", "throughput", lambda v: f"{v:.1f}"),
-        ("Activations kept for backward (saved_tensors_hooks, parameters excluded), and ratio to reference",
+        ("Activations kept for backward as saved_tensors_hooks see them (parameters excluded; not "
+         "recorded for checkpointed models, whose regions the hooks cannot see into), and ratio to reference",
          "saved_bytes", _fmt_bytes),
         ("Peak GPU memory (torch.cuda.max_memory_allocated), and ratio to reference", "peak_memory",
          _fmt_bytes),
@@ -292,6 +369,7 @@ def _models_lines(res: Results) -> List[str]:
             rows.append(cells)
         if rows:
             out += [f"### {title}", ""] + _table(["network", "input", "mode", "dtype", *labels], rows) + [""]
+    out += _memory_lines(res)
     mb = res.find(suite="models", metric="max_batch")
     if mb:
         out += ["### Largest training batch that fits (GPU memory)", ""]
@@ -360,7 +438,8 @@ def _plots(res: Results, out_dir: str) -> List[str]:
         plt.close(fig)
         files.append("ops_speedup.png")
     mlabels = _model_labels(res)
-    metric = "peak_memory" if res.find(suite="models", metric="peak_memory") else "saved_bytes"
+    metric = ("peak_memory" if res.find(suite="models", metric="peak_memory") else
+              "activation_bytes" if res.find(suite="models", metric="activation_bytes") else "saved_bytes")
     mem = [r for r in res.find(suite="models", metric=metric, mode="train")]
     if mem and mlabels:
         nets = list(OrderedDict((f"{r.name}\n{r.shape}", None) for r in mem))
@@ -375,8 +454,8 @@ def _plots(res: Results, out_dir: str) -> List[str]:
             ax.bar([x + k * width for x in range(len(nets))], ys, width, label=lb)
         ax.set_xticks([x + width * (len(mlabels) - 1) / 2 for x in range(len(nets))])
         ax.set_xticklabels(nets, fontsize=8)
-        ax.set_ylabel(("peak GPU memory" if metric == "peak_memory" else "activations saved for backward")
-                      + " (MiB), training step")
+        ax.set_ylabel({"peak_memory": "peak GPU memory", "activation_bytes": "activations kept for backward",
+                       "saved_bytes": "activations saved for backward"}[metric] + " (MiB), training step")
         ax.set_title(f"Memory per network ({res.info.get('device', '')})", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()

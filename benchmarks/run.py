@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-batch", type=int, default=None,
                    help="batch of the 224x224 networks (default 64 on GPU, 4 on CPU, 2 with --quick); "
                         "the 32x32 networks take twice as many (default 128 on GPU, 16 on CPU, 8 with --quick)")
+    p.add_argument("--grad-checkpointing", default="none,selective,full",
+                   help="comma-separated set_grad_checkpointing modes whose training step the models "
+                        "suite measures for the fast model (memory and time; 'none' alone: no extra rows)")
+    p.add_argument("--memory-only", default=None,
+                   help="comma-separated networks of --nets whose training step is measured for memory "
+                        "only (default on the CPU: attention452, attention236; too slow to time there)")
     p.add_argument("--max-time", type=float, default=None,
                    help="seconds of repetitions per implementation and measurement "
                         "(default 1.0 CPU, 0.3 CPU --quick, 0.1 GPU)")
@@ -164,6 +170,8 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None] = pri
         log("note: half-precision timings on the CPU are measured as asked, but the targets are float32")
     layouts = _csv_list(args.layouts, ("nchw", "channels_last"), "--layouts")
     nets = _csv_list(args.nets, list(_model_names()), "--nets")
+    modes = _csv_list(args.grad_checkpointing, ("none", "selective", "full"), "--grad-checkpointing")
+    memory_only = _csv_list(args.memory_only, list(_model_names()), "--memory-only")
 
     res = Results(device=device, threads=threads, command=command, quick=quick)
     if results is not None:
@@ -208,7 +216,7 @@ def run(args: argparse.Namespace, command: str, log: Callable[[str], None] = pri
 
     if args.suite in ("models", "all"):
         t0 = time.perf_counter()
-        mplan = _models_plan(args, device, fused, nets, max_time)
+        mplan = _models_plan(args, device, fused, nets, max_time, modes or [], memory_only)
         log(f"models suite: {', '.join(c.net + ' ' + c.shape for c in mplan.cases)}")
         try:
             bench_models.run_models(device, mplan, res, log=log)
@@ -235,7 +243,8 @@ def _model_names() -> List[str]:
 
 
 def _models_plan(args: argparse.Namespace, device: torch.device, fused: List[str],
-                 nets: Optional[List[str]], max_time: float) -> ModelsPlan:
+                 nets: Optional[List[str]], max_time: float, checkpointing: Sequence[str] = (),
+                 memory_only: Optional[List[str]] = None) -> ModelsPlan:
     from benchmarks.bench_models import ModelCase, ModelImpl, ModelsPlan
     from resattn_fast.models import CONFIGS
 
@@ -268,8 +277,11 @@ def _models_plan(args: argparse.Namespace, device: torch.device, fused: List[str
             compile_nets = ["attention56"]  # a whole-network compile costs a minute or more
         elif tiny or quick:
             compile_nets = []  # minutes per network on 2 cores: the ops suite covers compile
+    if memory_only is None:
+        memory_only = [] if gpu else ["attention452", "attention236"]
     return ModelsPlan(
         cases=cases, impls=impls, compile_nets=compile_nets,
+        checkpointing=[m for m in checkpointing if m != "none"], memory_only_nets=memory_only,
         amp_dtype=torch.bfloat16 if gpu else None, channels_last=gpu,
         # The untimed first call already warms up; on a GPU two more settle cuDNN's choices.
         warmup=2 if gpu else 0 if (quick or tiny) else 1, min_reps=2 if (quick or tiny) else 3,

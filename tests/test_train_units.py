@@ -220,3 +220,55 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save({"weights": torch.ones(1)}, other)
     with pytest.raises(UsageError, match="not a resattn train checkpoint"):
         ckpt_mod.load_checkpoint(str(other))
+
+
+# --------------------------------------------------------------------------- grad checkpointing flag
+
+
+def _train_args(*extra):
+    from resattn_fast import cli
+
+    return cli.build_parser().parse_args(["train", "--model", "attention56_cifar", "--out", "x", *extra])
+
+
+@pytest.mark.parametrize("extra, want", [
+    ((), None),
+    (("--grad-checkpointing",), "full"),  # a bare flag keeps its old meaning
+    (("--grad-checkpointing", "full"), "full"),
+    (("--grad-checkpointing", "selective"), "selective"),
+    (("--grad-checkpointing", "none"), "none"),
+    (("--grad-checkpointing", "--channels-last"), "full"),
+])
+def test_grad_checkpointing_flag_parses(extra, want):
+    assert _train_args(*extra).grad_checkpointing == want
+
+
+def test_grad_checkpointing_flag_rejects_unknown_mode(capsys):
+    with pytest.raises(SystemExit):
+        _train_args("--grad-checkpointing", "some")
+    assert "invalid choice: 'some'" in capsys.readouterr().err
+
+
+def test_grad_checkpointing_mode_of_a_run():
+    from resattn_fast.train.command import grad_checkpointing_mode
+
+    assert grad_checkpointing_mode(None, None) == "none"
+    assert grad_checkpointing_mode("selective", None) == "selective"
+    # --resume keeps the recorded mode unless the command line names one
+    for recorded, want in (("selective", "selective"), ("full", "full"), (True, "full"), (False, "none"),
+                           (None, "none")):
+        ckpt = {"config": {"grad_checkpointing": recorded}}
+        assert grad_checkpointing_mode(None, ckpt) == want
+        assert grad_checkpointing_mode("none", ckpt) == "none"
+    assert grad_checkpointing_mode(None, {"config": {}}) == "none"
+
+
+def test_selective_with_reference_impl_is_a_one_line_usage_error(capsys):
+    from resattn_fast import cli
+
+    rc = cli.main(["train", "--model", "attention56_cifar", "--out", "unused", "--impl", "reference",
+                   "--grad-checkpointing", "selective"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["resattn train: error: --grad-checkpointing selective recomputes the fused BN-ReLU "
+                   "outputs and needs --impl fast; with --impl reference use none or full"]

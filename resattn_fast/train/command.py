@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from ..errors import UsageError
+from ..models.resattn import CHECKPOINT_MODES, checkpoint_mode
 from . import distributed
 from .augment import BatchMix, describe
 from .checkpoint import atomic_write, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -38,7 +39,7 @@ METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 # Settings that define a run: --resume refuses a command line that changes them. The
 # others (epochs, amp, workers, compile, channels-last, grad-checkpointing, impl, backend,
 # device, data-dir, sync-bn, log-every) may change between the interrupted run and the
-# resumed one.
+# resumed one (a --grad-checkpointing left out keeps the run's mode).
 _RUN_DEFINING = ("model", "data", "batch_size", "seed", "recipe", "lr", "momentum", "nesterov",
                  "weight_decay", "schedule", "warmup_epochs", "train_subset", "val_subset",
                  "synthetic_size", "augment", "label_smoothing", "mixup", "cutmix", "randaugment")
@@ -70,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "at 40% and 60% of the run's iterations (the paper's 64k/96k of 160k, scaled to "
         "--epochs); paper-imagenet: lr 0.1, at 200k/400k/500k of 530k scaled; cosine: lr 0.2 "
         "decayed to 0 (default for digits/synthetic). "
-        "--grad-checkpointing recomputes each block in backward; its batch-norm "
-        "layers then update their running statistics once per step, as without it. "
+        "--grad-checkpointing selective|full trades compute for activation memory; the "
+        "batch-norm layers still update their running statistics once per step. "
         "Exit status: 0 done, 2 usage error, 3 loss became NaN/inf (last good checkpoint kept), "
         "128+N stopped by signal N after saving RUN_DIR/last.pt.")
     g = parser.add_argument_group("what to train")
@@ -131,9 +132,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="autocast dtype (fp16 uses a GradScaler and needs a GPU)")
     p.add_argument("--channels-last", action="store_true", help="NHWC memory format")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each block in backward: less activation memory for one more "
-                        "forward pass per step (batch-norm running statistics still update once)")
+    p.add_argument("--grad-checkpointing", nargs="?", const="full", default=None,
+                   choices=CHECKPOINT_MODES, metavar="{none,selective,full}",
+                   help="trade compute for activation memory: selective recomputes the fused "
+                        "BN-ReLU outputs in backward (no convolution reruns; --impl fast only), "
+                        "full recomputes each block (one more forward pass per step); a bare "
+                        "--grad-checkpointing means full. Batch-norm running statistics update "
+                        "once per step in every mode. Default: none, or with --resume the mode "
+                        "the run was trained with")
     p.add_argument("--sync-bn", action="store_true",
                    help="with torchrun: batch-norm statistics over the global batch")
     p.add_argument("--workers", type=int, default=None,
@@ -195,6 +201,21 @@ def _check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name} must be a finite number >= 0 (0: off), got {v}")
     if args.randaugment is not None and not (0 <= args.randaugment <= 30):
         raise UsageError(f"--randaugment must be a magnitude from 0 to 30, got {args.randaugment}")
+    if args.grad_checkpointing == "selective" and args.impl == "reference":
+        raise UsageError("--grad-checkpointing selective recomputes the fused BN-ReLU outputs and "
+                         "needs --impl fast; with --impl reference use none or full")
+
+
+def grad_checkpointing_mode(requested: Optional[str], ckpt: Optional[Dict[str, Any]]) -> str:
+    """The checkpointing mode of a run: the one asked for, else (with --resume) the one the
+    checkpoint was trained with (older checkpoints recorded True/False), else "none"."""
+    if requested is not None:
+        return checkpoint_mode(requested)
+    old = ((ckpt or {}).get("config") or {}).get("grad_checkpointing")
+    try:
+        return checkpoint_mode(old)
+    except ValueError:
+        return "none"
 
 
 def _model_config(name: str) -> Any:
@@ -339,6 +360,11 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
     elif os.path.exists(last_path):
         raise UsageError(f"--out {out} already holds a run ({last_path}); pass --resume to "
                          "continue it or choose another --out")
+    config["grad_checkpointing"] = args.grad_checkpointing = grad_checkpointing_mode(
+        args.grad_checkpointing, ckpt)
+    if args.grad_checkpointing == "selective" and args.impl == "reference":
+        raise UsageError(f"--resume: {last_path} was trained with --grad-checkpointing selective, "
+                         "which needs --impl fast; pass --grad-checkpointing none or full")
 
     workers = args.workers
     if workers is None:
@@ -427,7 +453,9 @@ def _run(args: argparse.Namespace, stop: StopFlag) -> int:
             _write_metrics(os.path.join(out, "metrics.csv"), history)
         what = (f"resuming at epoch {done_epochs + 1}, batch {start_step + 1}" if ckpt is not None
                 else "starting")
-        print(f"resattn train: {args.model} ({args.impl}) on {args.data}: {len(data.train)} train / "
+        ckpt_note = ("" if args.grad_checkpointing == "none"
+                     else f", {args.grad_checkpointing} grad checkpointing")
+        print(f"resattn train: {args.model} ({args.impl}{ckpt_note}) on {args.data}: {len(data.train)} train / "
               f"{len(data.val)} val images, {data.num_classes} classes; {args.epochs} epochs x "
               f"{iters_per_epoch} iterations of {batch} ({info.world_size} process(es), "
               f"{device}); {recipe['recipe']}: lr {recipe['lr']:g}, {recipe['schedule']} schedule"

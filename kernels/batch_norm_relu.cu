@@ -14,9 +14,13 @@
 //      NCHW: a 1-D block, each thread a strided part of the chunk. channels_last: a 2-D
 //      block, threadIdx.x over VEC-channel vectors of one row (128-bit loads along C),
 //      threadIdx.y over rows. In-block combine: warp shuffles, then shared memory.
-//   2. finalize: one warp per channel combines that channel's partials in index order.
-// Statistics are Welford states combined with Chan's formula (resattn::welford_combine),
-// sums plain sums, all in acc_t (float32; float64 for float64). Every combination happens
+//   2. finalize: one warp per channel combines that channel's partials in index order,
+//      writes the op's per-channel results and the row of coefficients the elementwise
+//      pass reads (so no element pays a square root or a division).
+// Statistics: each thread sums its values' deviations from a shift (the chunk's first
+// value of the channel), turns them into a Welford state (count, mean, M2), and the states
+// are combined with Chan's formula (resattn::welford_combine); the backward's sums are
+// plain sums; all in acc_t (float32; float64 for float64). Every combination happens
 // in an order fixed by the shape: bit-identical run to run and on any device size (number
 // of SMs), no atomics.
 //
@@ -24,10 +28,13 @@
 // order, VEC elements (128 bits) per access when the channel extent allows it (NCHW:
 // HW % VEC == 0, a vector stays in one channel; channels_last: C % VEC == 0) and every
 // pointer is 16-byte aligned; else one element at a time. Index math is 32-bit when every
-// offset fits (fits_int32), else 64-bit; loop counters are 64-bit.
+// offset fits (fits_int32), else 64-bit; loop counters are 64-bit. In eval each block
+// first computes every channel's (mean, scale, bias) into its shared memory (a global
+// table written by one small kernel when C is too large for 48 KiB).
 //
-// Passes over x: training forward 2 (partials; normalise) + a tiny finalize; eval forward 1;
-// backward 2 in training or with weight_grads (sums; apply) and 1 in eval without.
+// Passes over x: training forward 2 (partials; normalise) + a tiny finalize; eval forward 1
+// (one launch); backward 2 in training or with weight_grads (sums; apply) and 1 in eval
+// without (one launch).
 // batch_norm_update_stats: one kernel for both running tensors.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -58,6 +65,13 @@ constexpr int64_t kItemsPerThread = 16;
 // At most this many chunks (partials) per channel: larger chunks for larger batches keep
 // the workspace and the finalize small.
 constexpr int64_t kMaxChunks = 256;
+// Per-channel rows the elementwise passes read: normalise (and eval backward): mean, scale,
+// bias; training backward: mean, scale, bias, invstd, grad_bias / M, grad_weight / M. Computed
+// once per channel, so that no element pays a square root or a division.
+constexpr int kFwdRow = 3;
+constexpr int kBwdRow = 6;
+// The eval passes build their rows in shared memory up to this size (else in global memory).
+constexpr int64_t kMaxRowsSharedBytes = 48 * 1024;
 
 // ------------------------------------------------------------------ reduction states
 // Welford state of one channel (or part of one): count, mean, sum of squared deviations.
@@ -93,6 +107,30 @@ struct GradSums {
   }
   __device__ __forceinline__ GradSums shfl_down(unsigned int offset) const {
     return {__shfl_down_sync(kFullMask, dy, offset), __shfl_down_sync(kFullMask, dy_xmu, offset)};
+  }
+};
+
+// One thread's share of a chunk, as sums of deviations from a shift (a value of the same
+// channel, so the deviations are of the order of the spread): no division per element;
+// converted to a Welford state once, before the threads combine.
+template <typename acc_t>
+struct ShiftedSums {
+  acc_t shift, n, s1, s2;
+
+  static __device__ __forceinline__ ShiftedSums from_shift(acc_t shift) {
+    return {shift, acc_t(0), acc_t(0), acc_t(0)};
+  }
+  __device__ __forceinline__ void add(acc_t v) {
+    const acc_t d = v - shift;
+    n += acc_t(1);
+    s1 += d;
+    s2 += d * d;
+  }
+  __device__ __forceinline__ Welford<acc_t> welford() const {
+    if (n == acc_t(0)) return Welford<acc_t>::zero();
+    const acc_t d_mean = s1 / n;
+    const acc_t m2 = s2 - s1 * d_mean;
+    return {n, shift + d_mean, m2 > acc_t(0) ? m2 : acc_t(0)};
   }
 };
 
@@ -190,29 +228,53 @@ __device__ __forceinline__ ChannelCoef<at::opmath_type<scalar_t>> channel_coef(
   return k;
 }
 
+// One (channel, chunk) item of an NCHW reduction: vectors [begin, begin + size) of channel
+// c's N * HW / VEC, sample-major. Offsets within the chunk are 32-bit (a chunk is small):
+// the per-vector division stays a 32-bit one even on the 64-bit index path.
+template <typename index_t>
+struct NchwChunk {
+  index_t c, n0;
+  uint32_t r0, size;
+
+  __device__ __forceinline__ NchwChunk(uint32_t item, uint32_t chunks, index_t chunk,
+                                       index_t per_channel, index_t hwv) {
+    c = static_cast<index_t>(item / chunks);
+    const index_t begin = static_cast<index_t>(item % chunks) * chunk;
+    size = static_cast<uint32_t>(per_channel - begin < chunk ? per_channel - begin : chunk);
+    n0 = begin / hwv;
+    r0 = static_cast<uint32_t>(begin - n0 * hwv);
+  }
+  // Vector offset in x of the chunk's j-th vector.
+  __device__ __forceinline__ index_t offset(uint32_t j, index_t C, index_t hwv) const {
+    const uint32_t t = r0 + j;
+    const uint32_t q = t / static_cast<uint32_t>(hwv);
+    const uint32_t r = t - q * static_cast<uint32_t>(hwv);
+    return ((n0 + static_cast<index_t>(q)) * C + c) * hwv + static_cast<index_t>(r);
+  }
+};
+
 // ------------------------------------------------------------- statistics (training)
 // NCHW partials: item = c * chunks + k covers vectors [k * chunk, (k + 1) * chunk) of
 // channel c's N * HW / VEC (sample-major), written to part[item].
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_stats_nchw_kernel(
     const scalar_t* __restrict__ x, Welford<at::opmath_type<scalar_t>>* __restrict__ part,
-    index_t C, index_t hwv, index_t per_channel, index_t chunk, int64_t chunks, int64_t items) {
+    index_t C, index_t hwv, index_t per_channel, index_t chunk, uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
   RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
   Welford<acc_t>* smem = reinterpret_cast<Welford<acc_t>*>(resattn_smem);
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const index_t c = static_cast<index_t>(item / chunks);
-    const index_t begin = static_cast<index_t>(item % chunks) * chunk;
-    const index_t end = per_channel - begin < chunk ? per_channel : begin + chunk;
-    Welford<acc_t> s = Welford<acc_t>::zero();
-    for (int64_t jj = begin + static_cast<int64_t>(threadIdx.x); jj < end; jj += kThreads) {
-      const index_t j = static_cast<index_t>(jj);
-      const index_t n = j / hwv;
-      const vec_t v = reinterpret_cast<const vec_t*>(x)[(n * C + c) * hwv + (j - n * hwv)];
+  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const NchwChunk<index_t> ch(item, chunks, chunk, per_channel, hwv);
+    // The chunk's first value is every thread's shift.
+    ShiftedSums<acc_t> sums = ShiftedSums<acc_t>::from_shift(
+        static_cast<acc_t>(x[ch.offset(0, C, hwv) * VEC]));
+    for (uint32_t j = threadIdx.x; j < ch.size; j += kThreads) {
+      const vec_t v = reinterpret_cast<const vec_t*>(x)[ch.offset(j, C, hwv)];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) s.add(static_cast<acc_t>(v.val[k]));
+      for (int k = 0; k < VEC; ++k) sums.add(static_cast<acc_t>(v.val[k]));
     }
+    Welford<acc_t> s = sums.welford();
     block_reduce(s, smem);
     if (threadIdx.x == 0) part[item] = s;
   }
@@ -224,13 +286,13 @@ __global__ void __launch_bounds__(kThreads) bn_stats_nchw_kernel(
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_stats_cl_kernel(
     const scalar_t* __restrict__ x, Welford<at::opmath_type<scalar_t>>* __restrict__ part,
-    index_t cvs, index_t rows, index_t chunk, int64_t chunks, int64_t items) {
+    index_t cvs, index_t rows, index_t chunk, uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
   RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
   Welford<acc_t>* smem = reinterpret_cast<Welford<acc_t>*>(resattn_smem);
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t k_chunk = item % chunks;
+  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const uint32_t k_chunk = item % chunks;
     const index_t cv = static_cast<index_t>(item / chunks) * static_cast<index_t>(blockDim.x) +
                        static_cast<index_t>(threadIdx.x);
     const index_t begin = static_cast<index_t>(k_chunk) * chunk;
@@ -239,12 +301,19 @@ __global__ void __launch_bounds__(kThreads) bn_stats_cl_kernel(
 #pragma unroll
     for (int k = 0; k < VEC; ++k) s[k] = Welford<acc_t>::zero();
     if (cv < cvs) {
+      // The chunk's first row is the shift of every thread of this column.
+      const vec_t first = reinterpret_cast<const vec_t*>(x)[begin * cvs + cv];
+      ShiftedSums<acc_t> sums[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sums[k] = ShiftedSums<acc_t>::from_shift(static_cast<acc_t>(first.val[k]));
       for (int64_t rr = begin + static_cast<int64_t>(threadIdx.y); rr < end; rr += blockDim.y) {
         const index_t r = static_cast<index_t>(rr);
         const vec_t v = reinterpret_cast<const vec_t*>(x)[r * cvs + cv];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) s[k].add(static_cast<acc_t>(v.val[k]));
+        for (int k = 0; k < VEC; ++k) sums[k].add(static_cast<acc_t>(v.val[k]));
       }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s[k] = sums[k].welford();
     }
     block_reduce_columns<Welford<acc_t>, VEC>(s, smem);
     if (threadIdx.y == 0 && cv < cvs) {
@@ -254,34 +323,81 @@ __global__ void __launch_bounds__(kThreads) bn_stats_cl_kernel(
   }
 }
 
-// One warp per channel: the channel's partials in index order -> mean, biased var.
-template <typename acc_t>
+// One warp per channel: the channel's partials in index order -> mean, biased var, and the
+// channel's row of the normalise pass (kFwdRow: mean, scale, bias).
+template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) bn_stats_finalize_kernel(
-    const Welford<acc_t>* __restrict__ part, int64_t chunks, int64_t C, acc_t* __restrict__ mean,
-    acc_t* __restrict__ var) {
+    const Welford<at::opmath_type<scalar_t>>* __restrict__ part, uint32_t chunks, int64_t C,
+    BnParams<scalar_t> p, at::opmath_type<scalar_t>* __restrict__ mean,
+    at::opmath_type<scalar_t>* __restrict__ var, at::opmath_type<scalar_t>* __restrict__ rows) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; c < C;
        c += warps) {
     Welford<acc_t> s = Welford<acc_t>::zero();
-    for (int64_t k = lane; k < chunks; k += kWarp) s.combine(part[c * chunks + k]);
+    for (uint32_t k = lane; k < chunks; k += kWarp) s.combine(part[c * chunks + k]);
     warp_reduce(s);
     if (lane == 0) {
+      const acc_t v = s.m2 / s.n;
       mean[c] = s.mean;
-      var[c] = s.m2 / s.n;
+      var[c] = v;
+      acc_t* row = rows + c * kFwdRow;
+      row[0] = s.mean;
+      row[1] = p.weight.load(c, acc_t(1)) * bn_invstd<acc_t>(v, p.eps);
+      row[2] = p.bias.load(c, acc_t(0));
     }
   }
+}
+
+// The rows (kFwdRow: mean, scale, bias) of channels [first, C) with stride `step`, from
+// the statistics and parameters in p.
+template <typename scalar_t>
+__device__ __forceinline__ void fill_rows(const BnParams<scalar_t>& p, int64_t first, int64_t step,
+                                          int64_t C, at::opmath_type<scalar_t>* rows) {
+  for (int64_t c = first; c < C; c += step) {
+    const ChannelCoef<at::opmath_type<scalar_t>> q = channel_coef(p, c);
+    rows[c * kFwdRow + 0] = q.mean;
+    rows[c * kFwdRow + 1] = q.scale;
+    rows[c * kFwdRow + 2] = q.bias;
+  }
+}
+
+// The rows of every channel into global memory: the eval passes' table when it does not
+// fit in a block's shared memory (C in the thousands).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) bn_rows_kernel(BnParams<scalar_t> p, int64_t C,
+                                                           at::opmath_type<scalar_t>* __restrict__ rows) {
+  fill_rows(p, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+            static_cast<int64_t>(gridDim.x) * blockDim.x, C, rows);
+}
+
+// The per-channel rows an elementwise pass reads: `global_rows` when given (written by a
+// finalize kernel), else computed by this block into its shared memory (all threads call).
+template <typename scalar_t>
+__device__ __forceinline__ const at::opmath_type<scalar_t>* channel_rows(
+    const at::opmath_type<scalar_t>* global_rows, const BnParams<scalar_t>& p, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (global_rows != nullptr) return global_rows;
+  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
+  acc_t* rows = reinterpret_cast<acc_t*>(resattn_smem);
+  fill_rows(p, threadIdx.x, blockDim.x, C, rows);
+  __syncthreads();
+  return rows;
 }
 
 // ----------------------------------------------------------------- normalise + ReLU
 // Flat over the memory order, VEC elements per vector i. NCHW (kCL false): vector i lies
 // in channel (i / hwv) % C; channels_last: its channels are (i % cvs) * VEC + k.
-// `inner` is hwv (NCHW) or cvs (channels_last). In eval, block 0 also writes the
-// statistics it normalised with into mean_out / var_out (the op's new (C,) outputs).
+// `inner` is hwv (NCHW) or cvs (channels_last). Per-channel rows (mean, scale, bias) from
+// the statistics kernels in training; in eval computed per block into shared memory (or by
+// bn_rows_kernel), and block 0 also writes the statistics it normalised with into
+// mean_out / var_out (the op's new (C,) outputs).
 template <typename scalar_t, typename index_t, int VEC, bool kCL>
 __global__ void __launch_bounds__(kThreads) bn_relu_forward_kernel(
-    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, BnParams<scalar_t> p, index_t C,
-    index_t inner, int64_t nvec, at::opmath_type<scalar_t>* __restrict__ mean_out,
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, BnParams<scalar_t> p,
+    const at::opmath_type<scalar_t>* __restrict__ global_rows, index_t C, index_t inner,
+    int64_t nvec, at::opmath_type<scalar_t>* __restrict__ mean_out,
     at::opmath_type<scalar_t>* __restrict__ var_out) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
@@ -291,6 +407,7 @@ __global__ void __launch_bounds__(kThreads) bn_relu_forward_kernel(
       var_out[c] = p.var.load(c, acc_t(1));
     }
   }
+  const acc_t* rows = channel_rows(global_rows, p, C);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec;
        i += stride) {
@@ -298,19 +415,20 @@ __global__ void __launch_bounds__(kThreads) bn_relu_forward_kernel(
     const vec_t xv = reinterpret_cast<const vec_t*>(x)[li];
     vec_t ov;
     if constexpr (kCL) {
-      const index_t c0 = (li % inner) * VEC;
+      const acc_t* row = rows + (li % inner) * (VEC * kFwdRow);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
-        const ChannelCoef<acc_t> q = channel_coef(p, c0 + k);
+        const acc_t* r = row + k * kFwdRow;
         ov.val[k] = static_cast<scalar_t>(
-            bn_relu_forward<acc_t>(static_cast<acc_t>(xv.val[k]), q.mean, q.scale, q.bias));
+            bn_relu_forward<acc_t>(static_cast<acc_t>(xv.val[k]), r[0], r[1], r[2]));
       }
     } else {
-      const ChannelCoef<acc_t> q = channel_coef(p, (li / inner) % C);
+      const acc_t* r = rows + ((li / inner) % C) * kFwdRow;
+      const acc_t mean = r[0], scale = r[1], bias = r[2];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         ov.val[k] = static_cast<scalar_t>(
-            bn_relu_forward<acc_t>(static_cast<acc_t>(xv.val[k]), q.mean, q.scale, q.bias));
+            bn_relu_forward<acc_t>(static_cast<acc_t>(xv.val[k]), mean, scale, bias));
       }
     }
     reinterpret_cast<vec_t*>(out)[li] = ov;
@@ -323,21 +441,17 @@ template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_nchw_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, BnParams<scalar_t> p,
     GradSums<at::opmath_type<scalar_t>>* __restrict__ part, index_t C, index_t hwv,
-    index_t per_channel, index_t chunk, int64_t chunks, int64_t items) {
+    index_t per_channel, index_t chunk, uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
   RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
   GradSums<acc_t>* smem = reinterpret_cast<GradSums<acc_t>*>(resattn_smem);
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const index_t c = static_cast<index_t>(item / chunks);
-    const index_t begin = static_cast<index_t>(item % chunks) * chunk;
-    const index_t end = per_channel - begin < chunk ? per_channel : begin + chunk;
-    const ChannelCoef<acc_t> q = channel_coef(p, c);
+  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const NchwChunk<index_t> ch(item, chunks, chunk, per_channel, hwv);
+    const ChannelCoef<acc_t> q = channel_coef(p, ch.c);
     GradSums<acc_t> s = GradSums<acc_t>::zero();
-    for (int64_t jj = begin + static_cast<int64_t>(threadIdx.x); jj < end; jj += kThreads) {
-      const index_t j = static_cast<index_t>(jj);
-      const index_t n = j / hwv;
-      const index_t off = (n * C + c) * hwv + (j - n * hwv);
+    for (uint32_t j = threadIdx.x; j < ch.size; j += kThreads) {
+      const index_t off = ch.offset(j, C, hwv);
       const vec_t gv = reinterpret_cast<const vec_t*>(grad)[off];
       const vec_t xv = reinterpret_cast<const vec_t*>(x)[off];
 #pragma unroll
@@ -358,13 +472,13 @@ template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, BnParams<scalar_t> p,
     GradSums<at::opmath_type<scalar_t>>* __restrict__ part, index_t cvs, index_t rows,
-    index_t chunk, int64_t chunks, int64_t items) {
+    index_t chunk, uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
   RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
   GradSums<acc_t>* smem = reinterpret_cast<GradSums<acc_t>*>(resattn_smem);
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const int64_t k_chunk = item % chunks;
+  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const uint32_t k_chunk = item % chunks;
     const index_t cv = static_cast<index_t>(item / chunks) * static_cast<index_t>(blockDim.x) +
                        static_cast<index_t>(threadIdx.x);
     const index_t begin = static_cast<index_t>(k_chunk) * chunk;
@@ -399,74 +513,77 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
 }
 
 // One warp per channel: grad_bias = sum(dy), grad_weight = sum(dy * x_hat)
-// = invstd * sum(dy * (x - mean)), from the partials in index order.
+// = invstd * sum(dy * (x - mean)), from the partials in index order; and, in training, the
+// channel's row of the apply pass (kBwdRow: mean, scale, bias, invstd, grad_bias / M,
+// grad_weight / M).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_finalize_kernel(
-    const GradSums<at::opmath_type<scalar_t>>* __restrict__ part, int64_t chunks, int64_t C,
-    BnParams<scalar_t> p, at::opmath_type<scalar_t>* __restrict__ grad_weight,
-    at::opmath_type<scalar_t>* __restrict__ grad_bias) {
+    const GradSums<at::opmath_type<scalar_t>>* __restrict__ part, uint32_t chunks, int64_t C,
+    BnParams<scalar_t> p, at::opmath_type<scalar_t> inv_count,
+    at::opmath_type<scalar_t>* __restrict__ grad_weight,
+    at::opmath_type<scalar_t>* __restrict__ grad_bias, at::opmath_type<scalar_t>* __restrict__ rows) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; c < C;
        c += warps) {
     GradSums<acc_t> s = GradSums<acc_t>::zero();
-    for (int64_t k = lane; k < chunks; k += kWarp) s.combine(part[c * chunks + k]);
+    for (uint32_t k = lane; k < chunks; k += kWarp) s.combine(part[c * chunks + k]);
     warp_reduce(s);
     if (lane == 0) {
+      const ChannelCoef<acc_t> q = channel_coef(p, c);
+      const acc_t gw = s.dy_xmu * q.invstd;
       grad_bias[c] = s.dy;
-      grad_weight[c] = s.dy_xmu * bn_invstd<acc_t>(p.var.load(c, acc_t(1)), p.eps);
+      grad_weight[c] = gw;
+      if (rows != nullptr) {
+        acc_t* row = rows + c * kBwdRow;
+        row[0] = q.mean;
+        row[1] = q.scale;
+        row[2] = q.bias;
+        row[3] = q.invstd;
+        row[4] = s.dy * inv_count;
+        row[5] = gw * inv_count;
+      }
     }
   }
 }
 
 // ---------------------------------------------------------------------- backward apply
 // grad_x (+ grad_residual) over the flat memory order, vectors as bn_relu_forward_kernel.
-// Training when grad_weight_sum != nullptr (the per-channel sums of the reduction pass).
-template <typename scalar_t, typename index_t, int VEC, bool kCL>
+// Training: per-channel rows of kBwdRow from the sums' finalize (global_rows); eval:
+// grad_x = scale * dy from rows of kFwdRow, computed per block (or by bn_rows_kernel).
+template <typename scalar_t, typename index_t, int VEC, bool kCL, bool kTrain>
 __global__ void __launch_bounds__(kThreads) bn_relu_backward_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ grad_residual, scalar_t* __restrict__ grad_x, BnParams<scalar_t> p,
-    const at::opmath_type<scalar_t>* __restrict__ grad_weight_sum,
-    const at::opmath_type<scalar_t>* __restrict__ grad_bias_sum, at::opmath_type<scalar_t> count,
-    index_t C, index_t inner, int64_t nvec) {
+    const at::opmath_type<scalar_t>* __restrict__ global_rows, index_t C, index_t inner,
+    int64_t nvec) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
-  const bool training = grad_weight_sum != nullptr;
-  // Per element: grad_x of one channel's coefficients.
-  auto one = [&](const ChannelCoef<acc_t>& q, acc_t k_mean, acc_t k_xhat, acc_t g, acc_t xk) {
-    const acc_t dy = bn_relu_dy<acc_t>(g, xk, q.mean, q.scale, q.bias);
-    return training ? bn_relu_grad_x_train<acc_t>(dy, xk, q.mean, q.invstd, q.scale, k_mean, k_xhat)
-                    : q.scale * dy;
-  };
-  auto ks = [&](int64_t c, acc_t* k_mean, acc_t* k_xhat) {
-    *k_mean = training ? grad_bias_sum[c] / count : acc_t(0);
-    *k_xhat = training ? grad_weight_sum[c] / count : acc_t(0);
-  };
+  constexpr int kRow = kTrain ? kBwdRow : kFwdRow;
+  const acc_t* rows;
+  if constexpr (kTrain) {
+    rows = global_rows;
+  } else {
+    rows = channel_rows(global_rows, p, C);
+  }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec;
        i += stride) {
     const index_t li = static_cast<index_t>(i);
     const vec_t gv = reinterpret_cast<const vec_t*>(grad)[li];
     const vec_t xv = reinterpret_cast<const vec_t*>(x)[li];
+    const acc_t* row = kCL ? rows + (li % inner) * (VEC * kRow) : rows + ((li / inner) % C) * kRow;
     acc_t gx[VEC];
-    if constexpr (kCL) {
-      const index_t c0 = (li % inner) * VEC;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        acc_t k_mean, k_xhat;
-        ks(c0 + k, &k_mean, &k_xhat);
-        gx[k] = one(channel_coef(p, c0 + k), k_mean, k_xhat, static_cast<acc_t>(gv.val[k]),
-                    static_cast<acc_t>(xv.val[k]));
-      }
-    } else {
-      const index_t c = (li / inner) % C;
-      const ChannelCoef<acc_t> q = channel_coef(p, c);
-      acc_t k_mean, k_xhat;
-      ks(c, &k_mean, &k_xhat);
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        gx[k] = one(q, k_mean, k_xhat, static_cast<acc_t>(gv.val[k]), static_cast<acc_t>(xv.val[k]));
+    for (int k = 0; k < VEC; ++k) {
+      const acc_t* r = kCL ? row + k * kRow : row;
+      const acc_t xk = static_cast<acc_t>(xv.val[k]);
+      const acc_t dy = bn_relu_dy<acc_t>(static_cast<acc_t>(gv.val[k]), xk, r[0], r[1], r[2]);
+      if constexpr (kTrain) {
+        gx[k] = bn_relu_grad_x_train<acc_t>(dy, xk, r[0], r[3], r[1], r[4], r[5]);
+      } else {
+        gx[k] = r[1] * dy;
       }
     }
     if (grad_residual != nullptr) {
@@ -579,6 +696,39 @@ at::Tensor partials_workspace(const at::Tensor& x, const ReducePlan& plan, int64
   return at::empty({C * plan.chunks * per_state}, x.options().dtype(acc_dtype(x)));
 }
 
+// The 32-bit item counts of a reduction plan (a chunk's offsets are 32-bit too).
+void check_plan(const ReducePlan& plan, int64_t inner) {
+  TORCH_CHECK(plan.items < (int64_t{1} << 32) && inner + plan.chunk < (int64_t{1} << 32),
+              "resattn_fast: batch_norm_relu: tensor too large for the CUDA kernels' reduction plan");
+}
+
+// Runs `body` with constexpr bool `kTrain`.
+#define RESATTN_DISPATCH_TRAIN(training, ...) \
+  [&] {                                       \
+    if (training) {                           \
+      constexpr bool kTrain = true;           \
+      return __VA_ARGS__();                   \
+    } else {                                  \
+      constexpr bool kTrain = false;          \
+      return __VA_ARGS__();                   \
+    }                                         \
+  }()
+
+// Where an eval pass finds its per-channel rows (kFwdRow): its blocks' shared memory when
+// they fit (returns the bytes to launch with), else a global table filled by one small
+// kernel first (`rows` set, returns 0).
+template <typename scalar_t>
+size_t eval_rows(const BnParams<scalar_t>& p, const at::Tensor& x, int64_t C, at::Tensor& rows,
+                 Stream stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t bytes = C * kFwdRow * static_cast<int64_t>(sizeof(acc_t));
+  if (bytes <= kMaxRowsSharedBytes) return static_cast<size_t>(bytes);
+  rows = at::empty({C * kFwdRow}, x.options().dtype(acc_dtype(x)));
+  RESATTN_LAUNCH(num_blocks(C), kThreads, 0, stream, bn_rows_kernel<scalar_t>)(p, C, rows.data_ptr<acc_t>());
+  RESATTN_KERNEL_LAUNCH_CHECK();
+  return 0;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
@@ -611,6 +761,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
     BnParams<scalar_t> p;
     p.weight = channel_vec<scalar_t>(weight, keep);
     p.bias = channel_vec<scalar_t>(bias, keep);
+    p.mean = channel_vec<scalar_t>(training ? std::nullopt : running_mean, keep);
+    p.var = channel_vec<scalar_t>(training ? std::nullopt : running_var, keep);
     p.eps = static_cast<acc_t>(eps);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -620,8 +772,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
     RESATTN_DISPATCH_VEC(vec, [&] {
       RESATTN_DISPATCH_INDEX(use32, [&] {
         const int64_t cvs = C / VEC;
+        at::Tensor rows;
+        size_t rows_smem = 0;
         if (training) {
           const ReducePlan plan = plan_reduction(cl, C, cl ? N * HW : N * HW / VEC, cvs);
+          check_plan(plan, cl ? 0 : HW / VEC);
+          const auto chunks = static_cast<uint32_t>(plan.chunks);
+          const auto items = static_cast<uint32_t>(plan.items);
           at::Tensor ws = partials_workspace<scalar_t, Welford<acc_t>>(x, plan, C);
           auto* part = reinterpret_cast<Welford<acc_t>*>(ws.data_ptr<acc_t>());
           if (cl) {
@@ -629,31 +786,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
             RESATTN_LAUNCH(num_blocks(plan.items * kThreads), dim3(plan.tx, plan.ty), smem, stream,
                            bn_stats_cl_kernel<scalar_t, index_t, VEC>)(
                 xp, part, static_cast<index_t>(cvs), static_cast<index_t>(N * HW),
-                static_cast<index_t>(plan.chunk), plan.chunks, plan.items);
+                static_cast<index_t>(plan.chunk), chunks, items);
           } else {
             const size_t smem = sizeof(Welford<acc_t>) * kWarpsPerBlock;
             RESATTN_LAUNCH(num_blocks(plan.items * kThreads), kThreads, smem, stream,
                            bn_stats_nchw_kernel<scalar_t, index_t, VEC>)(
                 xp, part, static_cast<index_t>(C), static_cast<index_t>(HW / VEC),
-                static_cast<index_t>(N * HW / VEC), static_cast<index_t>(plan.chunk), plan.chunks,
-                plan.items);
+                static_cast<index_t>(N * HW / VEC), static_cast<index_t>(plan.chunk), chunks, items);
           }
           RESATTN_KERNEL_LAUNCH_CHECK();
-          RESATTN_LAUNCH(num_blocks(C * kWarp), kThreads, 0, stream, bn_stats_finalize_kernel<acc_t>)(
-              part, plan.chunks, C, mp, vp);
+          rows = at::empty({C * kFwdRow}, x.options().dtype(acc_dtype(x)));
+          RESATTN_LAUNCH(num_blocks(C * kWarp), kThreads, 0, stream, bn_stats_finalize_kernel<scalar_t>)(
+              part, chunks, C, p, mp, vp, rows.data_ptr<acc_t>());
           RESATTN_KERNEL_LAUNCH_CHECK();
-          p.mean = {mp, std::is_same_v<acc_t, float>};
-          p.var = {vp, std::is_same_v<acc_t, float>};
         } else {
-          p.mean = channel_vec<scalar_t>(running_mean, keep);
-          p.var = channel_vec<scalar_t>(running_var, keep);
+          rows_smem = eval_rows<scalar_t>(p, x, C, rows, stream);
         }
         const int64_t nvec = x.numel() / VEC;
         RESATTN_DISPATCH_CL(cl, [&] {
-          RESATTN_LAUNCH(num_blocks(nvec), kThreads, 0, stream,
+          RESATTN_LAUNCH(num_blocks(nvec), kThreads, rows_smem, stream,
                          bn_relu_forward_kernel<scalar_t, index_t, VEC, kCL>)(
-              xp, op, p, static_cast<index_t>(C), static_cast<index_t>(cl ? cvs : HW / VEC), nvec,
-              training ? nullptr : mp, training ? nullptr : vp);
+              xp, op, p, rows.defined() ? rows.data_ptr<acc_t>() : nullptr, static_cast<index_t>(C),
+              static_cast<index_t>(cl ? cvs : HW / VEC), nvec, training ? nullptr : mp,
+              training ? nullptr : vp);
           RESATTN_KERNEL_LAUNCH_CHECK();
         });
       });
@@ -712,14 +867,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* rp = has_residual ? residual.data_ptr<scalar_t>() : nullptr;
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-    acc_t* gwp = reduce ? gw.data_ptr<acc_t>() : nullptr;
-    acc_t* gbp = reduce ? gb.data_ptr<acc_t>() : nullptr;
     const bool vec = vectorisable<scalar_t>(cl, C, HW, {gp, xp, rp, gxp});
+    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(N * HW);
     RESATTN_DISPATCH_VEC(vec, [&] {
       RESATTN_DISPATCH_INDEX(use32, [&] {
         const int64_t cvs = C / VEC;
+        at::Tensor rows;
+        size_t rows_smem = 0;
         if (reduce) {
           const ReducePlan plan = plan_reduction(cl, C, cl ? N * HW : N * HW / VEC, cvs);
+          check_plan(plan, cl ? 0 : HW / VEC);
+          const auto chunks = static_cast<uint32_t>(plan.chunks);
+          const auto items = static_cast<uint32_t>(plan.items);
           at::Tensor ws = partials_workspace<scalar_t, GradSums<acc_t>>(x, plan, C);
           auto* part = reinterpret_cast<GradSums<acc_t>*>(ws.data_ptr<acc_t>());
           if (cl) {
@@ -727,28 +886,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
             RESATTN_LAUNCH(num_blocks(plan.items * kThreads), dim3(plan.tx, plan.ty), smem, stream,
                            bn_relu_grad_sums_cl_kernel<scalar_t, index_t, VEC>)(
                 gp, xp, p, part, static_cast<index_t>(cvs), static_cast<index_t>(N * HW),
-                static_cast<index_t>(plan.chunk), plan.chunks, plan.items);
+                static_cast<index_t>(plan.chunk), chunks, items);
           } else {
             const size_t smem = sizeof(GradSums<acc_t>) * kWarpsPerBlock;
             RESATTN_LAUNCH(num_blocks(plan.items * kThreads), kThreads, smem, stream,
                            bn_relu_grad_sums_nchw_kernel<scalar_t, index_t, VEC>)(
                 gp, xp, p, part, static_cast<index_t>(C), static_cast<index_t>(HW / VEC),
-                static_cast<index_t>(N * HW / VEC), static_cast<index_t>(plan.chunk), plan.chunks,
-                plan.items);
+                static_cast<index_t>(N * HW / VEC), static_cast<index_t>(plan.chunk), chunks, items);
           }
           RESATTN_KERNEL_LAUNCH_CHECK();
+          if (training) rows = at::empty({C * kBwdRow}, x.options().dtype(acc));
           RESATTN_LAUNCH(num_blocks(C * kWarp), kThreads, 0, stream,
-                         bn_relu_grad_sums_finalize_kernel<scalar_t>)(part, plan.chunks, C, p, gwp, gbp);
+                         bn_relu_grad_sums_finalize_kernel<scalar_t>)(
+              part, chunks, C, p, inv_count, gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(),
+              training ? rows.data_ptr<acc_t>() : nullptr);
           RESATTN_KERNEL_LAUNCH_CHECK();
         }
+        if (!training) rows_smem = eval_rows<scalar_t>(p, x, C, rows, stream);
         const int64_t nvec = x.numel() / VEC;
         RESATTN_DISPATCH_CL(cl, [&] {
-          RESATTN_LAUNCH(num_blocks(nvec), kThreads, 0, stream,
-                         bn_relu_backward_kernel<scalar_t, index_t, VEC, kCL>)(
-              gp, xp, rp, gxp, p, training ? gwp : nullptr, training ? gbp : nullptr,
-              static_cast<acc_t>(N * HW), static_cast<index_t>(C),
-              static_cast<index_t>(cl ? cvs : HW / VEC), nvec);
-          RESATTN_KERNEL_LAUNCH_CHECK();
+          RESATTN_DISPATCH_TRAIN(training, [&] {
+            RESATTN_LAUNCH(num_blocks(nvec), kThreads, rows_smem, stream,
+                           bn_relu_backward_kernel<scalar_t, index_t, VEC, kCL, kTrain>)(
+                gp, xp, rp, gxp, p, rows.defined() ? rows.data_ptr<acc_t>() : nullptr,
+                static_cast<index_t>(C), static_cast<index_t>(cl ? cvs : HW / VEC), nvec);
+            RESATTN_KERNEL_LAUNCH_CHECK();
+          });
         });
       });
     });

@@ -4,8 +4,9 @@
 // What is modelled, because the kernels depend on it:
 // - A launch runs every block of the grid (in reverse order: no kernel may rely on block
 //   order). The threads of a block run concurrently, one OS thread each (a pool reused
-//   across blocks); __syncthreads() is a real barrier across them, and a thread that has
-//   returned no longer counts towards it (as on sm_70 and later).
+//   across blocks), all started before any of them enters the kernel; __syncthreads() is a
+//   real barrier across them, and a thread that has returned no longer counts towards it
+//   (as on sm_70 and later).
 // - threadIdx / blockIdx / blockDim / gridDim are those of the launch (thread-local).
 // - Dynamic shared memory is allocated per block, exactly as large as launched (so
 //   AddressSanitizer sees an overrun), aligned to 16 bytes and poisoned with 0xFF bytes

@@ -65,10 +65,10 @@ constexpr int64_t kItemsPerThread = 16;
 // At most this many chunks (partials) per channel: larger chunks for larger batches keep
 // the workspace and the finalize small.
 constexpr int64_t kMaxChunks = 256;
-// Per-channel rows the elementwise passes read: normalise (and eval backward): mean, scale,
-// bias; training backward: mean, scale, bias, invstd, grad_bias / M, grad_weight / M. Computed
+// Per-channel rows the passes over x read: mean, scale, bias, invstd (normalise, eval
+// backward, the backward's sums); training backward: those and grad_bias / M, grad_weight / M. Computed
 // once per channel, so that no element pays a square root or a division.
-constexpr int kFwdRow = 3;
+constexpr int kFwdRow = 4;
 constexpr int kBwdRow = 6;
 // The eval passes build their rows in shared memory up to this size (else in global memory).
 constexpr int64_t kMaxRowsSharedBytes = 48 * 1024;
@@ -323,8 +323,11 @@ __global__ void __launch_bounds__(kThreads) bn_stats_cl_kernel(
   }
 }
 
-// One warp per channel: the channel's partials in index order -> mean, biased var, and the
-// channel's row of the normalise pass (kFwdRow: mean, scale, bias).
+// One warp per channel (a warp for every channel: no loop around the divisions): the
+// channel's partials, in index order, -> mean, biased var, and the channel's row of the
+// normalise pass. The partials (n_k, mean_k, M2_k) combine as n = sum n_k,
+// mean = sum(n_k mean_k) / n, M2 = sum(M2_k + n_k (mean_k - mean)^2): plain sums in a
+// fixed order, the divisions once at the end.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) bn_stats_finalize_kernel(
     const Welford<at::opmath_type<scalar_t>>* __restrict__ part, uint32_t chunks, int64_t C,
@@ -332,25 +335,38 @@ __global__ void __launch_bounds__(kThreads) bn_stats_finalize_kernel(
     at::opmath_type<scalar_t>* __restrict__ var, at::opmath_type<scalar_t>* __restrict__ rows) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarp;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; c < C;
-       c += warps) {
-    Welford<acc_t> s = Welford<acc_t>::zero();
-    for (uint32_t k = lane; k < chunks; k += kWarp) s.combine(part[c * chunks + k]);
-    warp_reduce(s);
-    if (lane == 0) {
-      const acc_t v = s.m2 / s.n;
-      mean[c] = s.mean;
-      var[c] = v;
-      acc_t* row = rows + c * kFwdRow;
-      row[0] = s.mean;
-      row[1] = p.weight.load(c, acc_t(1)) * bn_invstd<acc_t>(v, p.eps);
-      row[2] = p.bias.load(c, acc_t(0));
-    }
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (c >= C) return;  // whole warps
+  const Welford<acc_t>* pc = part + c * chunks;
+  GradSums<acc_t> sums = GradSums<acc_t>::zero();  // (sum n_k, sum n_k mean_k)
+  for (uint32_t k = lane; k < chunks; k += kWarp) {
+    sums.dy += pc[k].n;
+    sums.dy_xmu += pc[k].n * pc[k].mean;
+  }
+  warp_reduce(sums);
+  const acc_t n = __shfl_sync(kFullMask, sums.dy, 0);
+  const acc_t mu = __shfl_sync(kFullMask, sums.dy_xmu, 0) / n;
+  acc_t m2 = 0;
+  for (uint32_t k = lane; k < chunks; k += kWarp) {
+    const acc_t d = pc[k].mean - mu;
+    m2 += pc[k].m2 + pc[k].n * d * d;
+  }
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) m2 += __shfl_down_sync(kFullMask, m2, offset);
+  if (lane == 0) {
+    const acc_t v = m2 / n;
+    mean[c] = mu;
+    var[c] = v;
+    const acc_t invstd = bn_invstd<acc_t>(v, p.eps);
+    acc_t* row = rows + c * kFwdRow;
+    row[0] = mu;
+    row[1] = p.weight.load(c, acc_t(1)) * invstd;
+    row[2] = p.bias.load(c, acc_t(0));
+    row[3] = invstd;
   }
 }
 
-// The rows (kFwdRow: mean, scale, bias) of channels [first, C) with stride `step`, from
+// The rows (kFwdRow: mean, scale, bias, invstd) of channels [first, C) with stride `step`, from
 // the statistics and parameters in p.
 template <typename scalar_t>
 __device__ __forceinline__ void fill_rows(const BnParams<scalar_t>& p, int64_t first, int64_t step,
@@ -360,11 +376,12 @@ __device__ __forceinline__ void fill_rows(const BnParams<scalar_t>& p, int64_t f
     rows[c * kFwdRow + 0] = q.mean;
     rows[c * kFwdRow + 1] = q.scale;
     rows[c * kFwdRow + 2] = q.bias;
+    rows[c * kFwdRow + 3] = q.invstd;
   }
 }
 
-// The rows of every channel into global memory: the eval passes' table when it does not
-// fit in a block's shared memory (C in the thousands).
+// The rows of every channel into global memory: for the backward's sums, and for the eval
+// passes when they do not fit in a block's shared memory (C in the thousands).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) bn_rows_kernel(BnParams<scalar_t> p, int64_t C,
                                                            at::opmath_type<scalar_t>* __restrict__ rows) {
@@ -386,6 +403,44 @@ __device__ __forceinline__ const at::opmath_type<scalar_t>* channel_rows(
   return rows;
 }
 
+// The grid stride of an elementwise pass in (vector within plane or channel vector,
+// channel) terms: stride % inner and (stride / inner) % C, computed on the host.
+template <typename index_t>
+struct Stride {
+  index_t pos, c;
+};
+
+// Where vector i of a grid-stride loop lies, followed from step to step without a
+// division: `pos` = i % inner (NCHW: the vector within its plane; channels_last: the
+// channel vector) and, NCHW only, `c` = (i / inner) % C.
+template <typename index_t, bool kCL>
+struct ChannelWalk {
+  index_t pos, c, step_pos, step_c, inner, C;
+
+  // i: the thread's first vector, below gridDim.x * blockDim.x < 2^32, so that the two
+  // divisions are 32-bit ones even on the 64-bit index path.
+  __device__ __forceinline__ ChannelWalk(uint32_t i, Stride<index_t> step, index_t inner_, index_t C_)
+      : step_pos(step.pos), step_c(step.c), inner(inner_), C(C_) {
+    const uint32_t q = static_cast<uint64_t>(inner) > i ? 0u : i / static_cast<uint32_t>(inner);
+    pos = static_cast<index_t>(i) - static_cast<index_t>(q) * inner;
+    if constexpr (kCL) {
+      c = 0;
+    } else {
+      c = static_cast<uint64_t>(C) > q ? static_cast<index_t>(q)
+                                       : static_cast<index_t>(q % static_cast<uint32_t>(C));
+    }
+  }
+  __device__ __forceinline__ void advance() {
+    pos += step_pos;
+    const bool carry = pos >= inner;
+    if (carry) pos -= inner;
+    if constexpr (!kCL) {
+      c += step_c + (carry ? index_t(1) : index_t(0));
+      if (c >= C) c -= C;
+    }
+  }
+};
+
 // ----------------------------------------------------------------- normalise + ReLU
 // Flat over the memory order, VEC elements per vector i. NCHW (kCL false): vector i lies
 // in channel (i / hwv) % C; channels_last: its channels are (i % cvs) * VEC + k.
@@ -397,7 +452,7 @@ template <typename scalar_t, typename index_t, int VEC, bool kCL>
 __global__ void __launch_bounds__(kThreads) bn_relu_forward_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ out, BnParams<scalar_t> p,
     const at::opmath_type<scalar_t>* __restrict__ global_rows, index_t C, index_t inner,
-    int64_t nvec, at::opmath_type<scalar_t>* __restrict__ mean_out,
+    Stride<index_t> step, int64_t nvec, at::opmath_type<scalar_t>* __restrict__ mean_out,
     at::opmath_type<scalar_t>* __restrict__ var_out) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
@@ -409,13 +464,14 @@ __global__ void __launch_bounds__(kThreads) bn_relu_forward_kernel(
   }
   const acc_t* rows = channel_rows(global_rows, p, C);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec;
-       i += stride) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  ChannelWalk<index_t, kCL> walk(static_cast<uint32_t>(first < nvec ? first : 0), step, inner, C);
+  for (int64_t i = first; i < nvec; i += stride, walk.advance()) {
     const index_t li = static_cast<index_t>(i);
     const vec_t xv = reinterpret_cast<const vec_t*>(x)[li];
     vec_t ov;
     if constexpr (kCL) {
-      const acc_t* row = rows + (li % inner) * (VEC * kFwdRow);
+      const acc_t* row = rows + walk.pos * (VEC * kFwdRow);
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const acc_t* r = row + k * kFwdRow;
@@ -423,7 +479,7 @@ __global__ void __launch_bounds__(kThreads) bn_relu_forward_kernel(
             bn_relu_forward<acc_t>(static_cast<acc_t>(xv.val[k]), r[0], r[1], r[2]));
       }
     } else {
-      const acc_t* r = rows + ((li / inner) % C) * kFwdRow;
+      const acc_t* r = rows + walk.c * kFwdRow;
       const acc_t mean = r[0], scale = r[1], bias = r[2];
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
@@ -439,7 +495,8 @@ __global__ void __launch_bounds__(kThreads) bn_relu_forward_kernel(
 // NCHW partials of sum(dy) and sum(dy * (x - mean)); items as bn_stats_nchw_kernel.
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_nchw_kernel(
-    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, BnParams<scalar_t> p,
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+    const at::opmath_type<scalar_t>* __restrict__ rows,
     GradSums<at::opmath_type<scalar_t>>* __restrict__ part, index_t C, index_t hwv,
     index_t per_channel, index_t chunk, uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -448,7 +505,8 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_nchw_kernel(
   GradSums<acc_t>* smem = reinterpret_cast<GradSums<acc_t>*>(resattn_smem);
   for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
     const NchwChunk<index_t> ch(item, chunks, chunk, per_channel, hwv);
-    const ChannelCoef<acc_t> q = channel_coef(p, ch.c);
+    const acc_t* q = rows + static_cast<int64_t>(ch.c) * kFwdRow;
+    const acc_t mean = q[0], scale = q[1], bias = q[2];
     GradSums<acc_t> s = GradSums<acc_t>::zero();
     for (uint32_t j = threadIdx.x; j < ch.size; j += kThreads) {
       const index_t off = ch.offset(j, C, hwv);
@@ -457,9 +515,9 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_nchw_kernel(
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const acc_t xk = static_cast<acc_t>(xv.val[k]);
-        const acc_t dy = bn_relu_dy<acc_t>(static_cast<acc_t>(gv.val[k]), xk, q.mean, q.scale, q.bias);
+        const acc_t dy = bn_relu_dy<acc_t>(static_cast<acc_t>(gv.val[k]), xk, mean, scale, bias);
         s.dy += dy;
-        s.dy_xmu += dy * (xk - q.mean);
+        s.dy_xmu += dy * (xk - mean);
       }
     }
     block_reduce(s, smem);
@@ -470,7 +528,8 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_nchw_kernel(
 // channels_last partials; items and layout as bn_stats_cl_kernel.
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
-    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, BnParams<scalar_t> p,
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+    const at::opmath_type<scalar_t>* __restrict__ coef,
     GradSums<at::opmath_type<scalar_t>>* __restrict__ part, index_t cvs, index_t rows,
     index_t chunk, uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -489,7 +548,10 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
     if (cv < cvs) {
       ChannelCoef<acc_t> q[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) q[k] = channel_coef(p, static_cast<int64_t>(cv) * VEC + k);
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t* r = coef + (static_cast<int64_t>(cv) * VEC + k) * kFwdRow;
+        q[k] = {r[0], r[3], r[1], r[2]};
+      }
       for (int64_t rr = begin + static_cast<int64_t>(threadIdx.y); rr < end; rr += blockDim.y) {
         const index_t r = static_cast<index_t>(rr);
         const vec_t gv = reinterpret_cast<const vec_t*>(grad)[r * cvs + cv];
@@ -512,38 +574,36 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
   }
 }
 
-// One warp per channel: grad_bias = sum(dy), grad_weight = sum(dy * x_hat)
-// = invstd * sum(dy * (x - mean)), from the partials in index order; and, in training, the
-// channel's row of the apply pass (kBwdRow: mean, scale, bias, invstd, grad_bias / M,
-// grad_weight / M).
+// One warp per channel (a warp for every channel): grad_bias = sum(dy), grad_weight =
+// sum(dy * x_hat) = invstd * sum(dy * (x - mean)), from the partials in index order; and,
+// in training, the channel's row of the apply pass (kBwdRow: mean, scale, bias, invstd,
+// grad_bias / M, grad_weight / M). `coef`: the rows the sums were taken with.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_finalize_kernel(
     const GradSums<at::opmath_type<scalar_t>>* __restrict__ part, uint32_t chunks, int64_t C,
-    BnParams<scalar_t> p, at::opmath_type<scalar_t> inv_count,
+    const at::opmath_type<scalar_t>* __restrict__ coef, at::opmath_type<scalar_t> inv_count,
     at::opmath_type<scalar_t>* __restrict__ grad_weight,
     at::opmath_type<scalar_t>* __restrict__ grad_bias, at::opmath_type<scalar_t>* __restrict__ rows) {
   using acc_t = at::opmath_type<scalar_t>;
   const int lane = threadIdx.x % kWarp;
-  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp; c < C;
-       c += warps) {
-    GradSums<acc_t> s = GradSums<acc_t>::zero();
-    for (uint32_t k = lane; k < chunks; k += kWarp) s.combine(part[c * chunks + k]);
-    warp_reduce(s);
-    if (lane == 0) {
-      const ChannelCoef<acc_t> q = channel_coef(p, c);
-      const acc_t gw = s.dy_xmu * q.invstd;
-      grad_bias[c] = s.dy;
-      grad_weight[c] = gw;
-      if (rows != nullptr) {
-        acc_t* row = rows + c * kBwdRow;
-        row[0] = q.mean;
-        row[1] = q.scale;
-        row[2] = q.bias;
-        row[3] = q.invstd;
-        row[4] = s.dy * inv_count;
-        row[5] = gw * inv_count;
-      }
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (c >= C) return;  // whole warps
+  GradSums<acc_t> s = GradSums<acc_t>::zero();
+  for (uint32_t k = lane; k < chunks; k += kWarp) s.combine(part[c * chunks + k]);
+  warp_reduce(s);
+  if (lane == 0) {
+    const acc_t* q = coef + c * kFwdRow;
+    const acc_t gw = s.dy_xmu * q[3];
+    grad_bias[c] = s.dy;
+    grad_weight[c] = gw;
+    if (rows != nullptr) {
+      acc_t* row = rows + c * kBwdRow;
+      row[0] = q[0];
+      row[1] = q[1];
+      row[2] = q[2];
+      row[3] = q[3];
+      row[4] = s.dy * inv_count;
+      row[5] = gw * inv_count;
     }
   }
 }
@@ -557,7 +617,7 @@ __global__ void __launch_bounds__(kThreads) bn_relu_backward_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ grad_residual, scalar_t* __restrict__ grad_x, BnParams<scalar_t> p,
     const at::opmath_type<scalar_t>* __restrict__ global_rows, index_t C, index_t inner,
-    int64_t nvec) {
+    Stride<index_t> step, int64_t nvec) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
   constexpr int kRow = kTrain ? kBwdRow : kFwdRow;
@@ -568,12 +628,13 @@ __global__ void __launch_bounds__(kThreads) bn_relu_backward_kernel(
     rows = channel_rows(global_rows, p, C);
   }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < nvec;
-       i += stride) {
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  ChannelWalk<index_t, kCL> walk(static_cast<uint32_t>(first < nvec ? first : 0), step, inner, C);
+  auto apply = [&](int64_t i) {
     const index_t li = static_cast<index_t>(i);
     const vec_t gv = reinterpret_cast<const vec_t*>(grad)[li];
     const vec_t xv = reinterpret_cast<const vec_t*>(x)[li];
-    const acc_t* row = kCL ? rows + (li % inner) * (VEC * kRow) : rows + ((li / inner) % C) * kRow;
+    const acc_t* row = kCL ? rows + walk.pos * (VEC * kRow) : rows + walk.c * kRow;
     acc_t gx[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -595,6 +656,14 @@ __global__ void __launch_bounds__(kThreads) bn_relu_backward_kernel(
 #pragma unroll
     for (int k = 0; k < VEC; ++k) ov.val[k] = static_cast<scalar_t>(gx[k]);
     reinterpret_cast<vec_t*>(grad_x)[li] = ov;
+  };
+  if constexpr (sizeof(index_t) == 8) {
+    // Not unrolled on the 64-bit path (tensors of 2^31 elements and more): unrolled, its
+    // 64-bit offsets would spill on sm_80.
+#pragma unroll 1
+    for (int64_t i = first; i < nvec; i += stride, walk.advance()) apply(i);
+  } else {
+    for (int64_t i = first; i < nvec; i += stride, walk.advance()) apply(i);
   }
 }
 
@@ -702,6 +771,18 @@ void check_plan(const ReducePlan& plan, int64_t inner) {
               "resattn_fast: batch_norm_relu: tensor too large for the CUDA kernels' reduction plan");
 }
 
+// The grid stride of an elementwise pass of `blocks` blocks (see ChannelWalk).
+template <typename index_t>
+Stride<index_t> grid_stride(unsigned int blocks, int64_t inner, int64_t C) {
+  const int64_t stride = static_cast<int64_t>(blocks) * kThreads;
+  return {static_cast<index_t>(stride % inner), static_cast<index_t>((stride / inner) % C)};
+}
+
+// The finalize kernels' grid: a warp for every channel.
+unsigned int warp_per_channel_blocks(int64_t C) {
+  return static_cast<unsigned int>((C + kWarpsPerBlock - 1) / kWarpsPerBlock);
+}
+
 // Runs `body` with constexpr bool `kTrain`.
 #define RESATTN_DISPATCH_TRAIN(training, ...) \
   [&] {                                       \
@@ -796,19 +877,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
           }
           RESATTN_KERNEL_LAUNCH_CHECK();
           rows = at::empty({C * kFwdRow}, x.options().dtype(acc_dtype(x)));
-          RESATTN_LAUNCH(num_blocks(C * kWarp), kThreads, 0, stream, bn_stats_finalize_kernel<scalar_t>)(
+          RESATTN_LAUNCH(warp_per_channel_blocks(C), kThreads, 0, stream, bn_stats_finalize_kernel<scalar_t>)(
               part, chunks, C, p, mp, vp, rows.data_ptr<acc_t>());
           RESATTN_KERNEL_LAUNCH_CHECK();
         } else {
           rows_smem = eval_rows<scalar_t>(p, x, C, rows, stream);
         }
         const int64_t nvec = x.numel() / VEC;
+        const unsigned int blocks = num_blocks(nvec);
+        const int64_t inner = cl ? cvs : HW / VEC;
         RESATTN_DISPATCH_CL(cl, [&] {
-          RESATTN_LAUNCH(num_blocks(nvec), kThreads, rows_smem, stream,
+          RESATTN_LAUNCH(blocks, kThreads, rows_smem, stream,
                          bn_relu_forward_kernel<scalar_t, index_t, VEC, kCL>)(
               xp, op, p, rows.defined() ? rows.data_ptr<acc_t>() : nullptr, static_cast<index_t>(C),
-              static_cast<index_t>(cl ? cvs : HW / VEC), nvec, training ? nullptr : mp,
-              training ? nullptr : vp);
+              static_cast<index_t>(inner), grid_stride<index_t>(blocks, inner, C), nvec,
+              training ? nullptr : mp, training ? nullptr : vp);
           RESATTN_KERNEL_LAUNCH_CHECK();
         });
       });
@@ -881,35 +964,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
           const auto items = static_cast<uint32_t>(plan.items);
           at::Tensor ws = partials_workspace<scalar_t, GradSums<acc_t>>(x, plan, C);
           auto* part = reinterpret_cast<GradSums<acc_t>*>(ws.data_ptr<acc_t>());
+          // The rows the sums take the ReLU mask with (one small kernel, per channel).
+          at::Tensor coef = at::empty({C * kFwdRow}, x.options().dtype(acc));
+          const acc_t* cp = coef.data_ptr<acc_t>();
+          RESATTN_LAUNCH(num_blocks(C), kThreads, 0, stream, bn_rows_kernel<scalar_t>)(
+              p, C, coef.data_ptr<acc_t>());
+          RESATTN_KERNEL_LAUNCH_CHECK();
           if (cl) {
             const size_t smem = sizeof(GradSums<acc_t>) * kWarpsPerBlock * plan.tx * VEC;
             RESATTN_LAUNCH(num_blocks(plan.items * kThreads), dim3(plan.tx, plan.ty), smem, stream,
                            bn_relu_grad_sums_cl_kernel<scalar_t, index_t, VEC>)(
-                gp, xp, p, part, static_cast<index_t>(cvs), static_cast<index_t>(N * HW),
+                gp, xp, cp, part, static_cast<index_t>(cvs), static_cast<index_t>(N * HW),
                 static_cast<index_t>(plan.chunk), chunks, items);
           } else {
             const size_t smem = sizeof(GradSums<acc_t>) * kWarpsPerBlock;
             RESATTN_LAUNCH(num_blocks(plan.items * kThreads), kThreads, smem, stream,
                            bn_relu_grad_sums_nchw_kernel<scalar_t, index_t, VEC>)(
-                gp, xp, p, part, static_cast<index_t>(C), static_cast<index_t>(HW / VEC),
+                gp, xp, cp, part, static_cast<index_t>(C), static_cast<index_t>(HW / VEC),
                 static_cast<index_t>(N * HW / VEC), static_cast<index_t>(plan.chunk), chunks, items);
           }
           RESATTN_KERNEL_LAUNCH_CHECK();
-          if (training) rows = at::empty({C * kBwdRow}, x.options().dtype(acc));
-          RESATTN_LAUNCH(num_blocks(C * kWarp), kThreads, 0, stream,
+          rows = training ? at::empty({C * kBwdRow}, x.options().dtype(acc)) : coef;
+          RESATTN_LAUNCH(warp_per_channel_blocks(C), kThreads, 0, stream,
                          bn_relu_grad_sums_finalize_kernel<scalar_t>)(
-              part, chunks, C, p, inv_count, gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(),
+              part, chunks, C, cp, inv_count, gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(),
               training ? rows.data_ptr<acc_t>() : nullptr);
           RESATTN_KERNEL_LAUNCH_CHECK();
+        } else {
+          rows_smem = eval_rows<scalar_t>(p, x, C, rows, stream);
         }
-        if (!training) rows_smem = eval_rows<scalar_t>(p, x, C, rows, stream);
         const int64_t nvec = x.numel() / VEC;
+        const unsigned int blocks = num_blocks(nvec);
+        const int64_t inner = cl ? cvs : HW / VEC;
         RESATTN_DISPATCH_CL(cl, [&] {
           RESATTN_DISPATCH_TRAIN(training, [&] {
-            RESATTN_LAUNCH(num_blocks(nvec), kThreads, rows_smem, stream,
+            RESATTN_LAUNCH(blocks, kThreads, rows_smem, stream,
                            bn_relu_backward_kernel<scalar_t, index_t, VEC, kCL, kTrain>)(
                 gp, xp, rp, gxp, p, rows.defined() ? rows.data_ptr<acc_t>() : nullptr,
-                static_cast<index_t>(C), static_cast<index_t>(cl ? cvs : HW / VEC), nvec);
+                static_cast<index_t>(C), static_cast<index_t>(inner),
+                grid_stride<index_t>(blocks, inner, C), nvec);
             RESATTN_KERNEL_LAUNCH_CHECK();
           });
         });

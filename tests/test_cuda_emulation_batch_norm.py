@@ -246,13 +246,14 @@ def test_vector_width_and_layout_kernels(dtype, shape, layout, vec):
     tag = "cl" if layout == "channels_last" else "nchw"
     cl = "true" if layout == "channels_last" else "false"
     ran = kernels()
-    assert len(ran) == 6, ran
+    assert len(ran) == 7, ran
     assert re.fullmatch(rf"bn_stats_{tag}_kernel<.+, int, {vec}>", ran[0]), ran
     assert ran[1].startswith("bn_stats_finalize_kernel<"), ran
     assert re.fullmatch(rf"bn_relu_forward_kernel<.+, int, {vec}, {cl}>", ran[2]), ran
-    assert re.fullmatch(rf"bn_relu_grad_sums_{tag}_kernel<.+, int, {vec}>", ran[3]), ran
-    assert ran[4].startswith("bn_relu_grad_sums_finalize_kernel<"), ran
-    assert re.fullmatch(rf"bn_relu_backward_kernel<.+, int, {vec}, {cl}, true>", ran[5]), ran
+    assert ran[3].startswith("bn_rows_kernel<"), ran
+    assert re.fullmatch(rf"bn_relu_grad_sums_{tag}_kernel<.+, int, {vec}>", ran[4]), ran
+    assert ran[5].startswith("bn_relu_grad_sums_finalize_kernel<"), ran
+    assert re.fullmatch(rf"bn_relu_backward_kernel<.+, int, {vec}, {cl}, true>", ran[6]), ran
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -261,7 +262,7 @@ def test_misaligned_pointers_fall_back_to_scalar(layout):
     x, g = _inputs((2, 8, 4, 4), torch.float32, fmt)
     _check(_offset(x, fmt), *_params(8, torch.float32), True, _offset(g, fmt))
     assert all(re.search(r", 1(, (true|false))*>$", k) for k in kernels()
-               if "finalize" not in k), kernels()
+               if "finalize" not in k and "rows" not in k), kernels()
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -271,13 +272,14 @@ def test_int64_index_path(layout, training):
     x, g = _inputs((3, 8, 5, 4), torch.float32, fmt)
     with options(force_int64_index=True):
         _check(x, *_params(8, torch.float32), training, g, torch.randn(x.shape))
-    indexed = [k for k in kernels() if "finalize" not in k]
+    indexed = [k for k in kernels() if "finalize" not in k and "rows" not in k]
     assert indexed and all(re.search(r"<float, long( int)?, ", k) for k in indexed), kernels()
 
 
 def test_launch_counts_per_mode():
     """Training: statistics (partials + finalize) and normalise; eval: one kernel. Backward:
-    sums (partials + finalize) and apply; in eval without weight grads only the apply."""
+    the per-channel rows, sums (partials + finalize) and apply; in eval without weight grads
+    only the apply."""
     x, g = _inputs((2, 4, 4, 4), torch.float32)
     w, b, rm, rv = _params(4, torch.float32)
     ns().batch_norm_relu(x, w, b, rm, rv, True, EPS)
@@ -292,17 +294,19 @@ def test_launch_counts_per_mode():
     _ext.EMULATED.clear_launches()
     ns().batch_norm_relu_backward(g, x, w, b, mean, var, False, EPS, None, True)
     assert [k.split("<")[0] for k in kernels()] == [
-        "bn_relu_grad_sums_nchw_kernel", "bn_relu_grad_sums_finalize_kernel", "bn_relu_backward_kernel"]
+        "bn_rows_kernel", "bn_relu_grad_sums_nchw_kernel", "bn_relu_grad_sums_finalize_kernel",
+        "bn_relu_backward_kernel"]
 
 
 @pytest.mark.parametrize("dtype,C,in_shared", [
-    (torch.float32, 8, True), (torch.float32, 4096, True), (torch.float32, 4097, False),
-    (torch.float64, 2048, True), (torch.float64, 2049, False),
+    (torch.float32, 8, True), (torch.float32, 3072, True), (torch.float32, 3073, False),
+    (torch.float64, 1536, True), (torch.float64, 1537, False),
 ])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_eval_rows_in_shared_memory_or_global(dtype, C, in_shared, layout):
-    """Eval passes compute each channel's (mean, scale, bias) once per block into shared
-    memory (one launch); past 48 KiB of rows, one small kernel writes them to global memory."""
+    """Eval passes compute each channel's (mean, scale, bias, invstd) once per block into
+    shared memory (one launch); past 48 KiB of rows, one small kernel writes them to global
+    memory."""
     fmt = CL if layout == "channels_last" else torch.contiguous_format
     x, g = _inputs((2, C, 1, 2), dtype, fmt)
     w, b, rm, rv = _params(C, dtype)
@@ -315,7 +319,7 @@ def test_eval_rows_in_shared_memory_or_global(dtype, C, in_shared, layout):
     for ran, name in ((fwd, "bn_relu_forward_kernel"), (bwd, "bn_relu_backward_kernel")):
         if in_shared:
             assert [r["kernel"].split("<")[0] for r in ran] == [name], ran
-            assert ran[0]["shared_bytes"] == C * 3 * acc_bytes, ran
+            assert ran[0]["shared_bytes"] == C * 4 * acc_bytes, ran
         else:
             assert [r["kernel"].split("<")[0] for r in ran] == ["bn_rows_kernel", name], ran
             assert ran[1]["shared_bytes"] == 0, ran

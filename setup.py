@@ -16,6 +16,11 @@ Environment:
                                1: also build resattn_fast._C_cuda_emulated_asan, the same with
                                AddressSanitizer (+ alignment checks); loaded only with
                                RESATTN_CUDA_EMULATION=asan and libasan preloaded (CI memcheck).
+  RESATTN_BUILD_CUDA_EMULATION_TSAN=0|1
+                               1: also build resattn_fast._C_cuda_emulated_tsan, the same with
+                               ThreadSanitizer; loaded only with RESATTN_CUDA_EMULATION=tsan and
+                               libtsan preloaded (CI racecheck: shared memory that no barrier
+                               orders).
   TORCH_CUDA_ARCH_LIST         CUDA architectures; default: the visible GPUs', else 8.0;9.0.
   MAX_JOBS                     parallel compile jobs (ninja).
 """
@@ -133,7 +138,7 @@ def _extensions():
 
 def _per_extension_build_dirs(base):
     """build_ext with one object directory per extension: the emulated module and its
-    AddressSanitizer twin compile the same sources with different flags, and would
+    sanitizer twins compile the same sources with different flags, and would
     otherwise overwrite each other's objects (and rebuild both every time)."""
 
     class BuildExt(base):
@@ -175,6 +180,14 @@ def _emulation_extensions(CppExtension, include_dirs):
         sanitize = ["-fsanitize=address,alignment", "-fno-sanitize-recover=alignment"]
         exts.append(CppExtension(
             "resattn_fast._C_cuda_emulated_asan", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": [*cxx, "-O1", "-fno-omit-frame-pointer", *sanitize]},
+            extra_link_args=["-pthread", *sanitize]))
+    if _flag("RESATTN_BUILD_CUDA_EMULATION_TSAN"):
+        # Accesses of shared (and global) memory by two threads of a block that no barrier
+        # (__syncthreads, a warp exchange) orders are reported as data races.
+        sanitize = ["-fsanitize=thread"]
+        exts.append(CppExtension(
+            "resattn_fast._C_cuda_emulated_tsan", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": [*cxx, "-O1", "-fno-omit-frame-pointer", *sanitize]},
             extra_link_args=["-pthread", *sanitize]))
     return exts

@@ -5,8 +5,10 @@
   the same CUDA kernels compiled by the host compiler against an emulation of CUDA's
   execution model; they run on CPU tensors as backend ``"cuda"``. With
   ``RESATTN_CUDA_EMULATION=asan`` the AddressSanitizer build
-  ``resattn_fast._C_cuda_emulated_asan`` is loaded instead (libasan must be preloaded);
-  ``RESATTN_CUDA_EMULATION=0`` loads neither.
+  ``resattn_fast._C_cuda_emulated_asan`` is loaded instead (libasan must be preloaded),
+  with ``RESATTN_CUDA_EMULATION=tsan`` the ThreadSanitizer build
+  ``resattn_fast._C_cuda_emulated_tsan`` (libtsan must be preloaded);
+  ``RESATTN_CUDA_EMULATION=0`` loads none.
 
 A missing or broken extension never breaks ``import resattn_fast``: the reference backend
 still works, and ``resattn info`` reports why the compiled kernels are missing.
@@ -35,12 +37,13 @@ def _load_emulated() -> Tuple[Optional[Any], Optional[str]]:
     choice = os.environ.get("RESATTN_CUDA_EMULATION", "1").strip().lower()
     if choice in ("0", "off", "no", "false"):
         return None, "disabled by RESATTN_CUDA_EMULATION=0"
-    name = "_C_cuda_emulated_asan" if choice == "asan" else "_C_cuda_emulated"
+    sanitized = choice in ("asan", "tsan")
+    name = f"_C_cuda_emulated_{choice}" if sanitized else "_C_cuda_emulated"
     try:
         # registers torch.ops.resattn_fast_emulated.* (CPU kernels from kernels/*.cu)
         return importlib.import_module(f"{__package__}.{name}"), None
     except ModuleNotFoundError as exc:
-        if choice == "asan":
+        if sanitized:
             return None, f"{type(exc).__name__}: {exc}"
         return None, "not built (RESATTN_BUILD_CUDA_EMULATION=1 builds it)"
     except Exception as exc:

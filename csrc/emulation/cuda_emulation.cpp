@@ -5,11 +5,15 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <array>
+#include <cstdio>
 #include <condition_variable>
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <map>
 #include <new>
+#include <string>
 #include <thread>
 
 thread_local dim3 threadIdx;
@@ -66,14 +70,85 @@ class Barrier {
   std::uint64_t phase_ = 0;
 };
 
+// The lanes of one warp and their exchanges (warp_exchange). An exchange is identified by
+// its mask: the lanes it names arrive, the last one releases them all. Values are double
+// buffered by the exchange's parity: a lane can offer to exchange g + 2 (same buffer as
+// g) only after every lane arrived at g + 1, i.e. after every lane read exchange g.
+class Warp {
+ public:
+  // Before a block starts (no lane running): lanes >= `lanes` do not exist.
+  void reset(int lanes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    gone_ = lanes >= 32 ? 0u : ~((1u << lanes) - 1u);
+    rounds_.clear();
+  }
+
+  // A lane that returned from the kernel: exchanges that name it can no longer complete.
+  void leave(int lane) {
+    std::lock_guard<std::mutex> lock(mu_);
+    gone_ |= 1u << lane;
+    cv_.notify_all();
+  }
+
+  std::uint64_t exchange(const char* op, int lane, unsigned int mask, std::uint64_t bits, int src) {
+    std::unique_lock<std::mutex> lock(mu_);
+    const unsigned int me = 1u << lane;
+    TORCH_CHECK(mask & me, "resattn_fast emulation: ", op, " called by lane ", lane,
+                " with mask 0x", hex(mask), " that does not name it (undefined on a GPU)");
+    TORCH_CHECK((mask >> src) & 1u, "resattn_fast emulation: ", op, " on lane ", lane,
+                " reads lane ", src, ", which mask 0x", hex(mask), " does not name");
+    Round& r = rounds_[mask];
+    const std::uint64_t gen = r.generation;
+    r.values[gen & 1][lane] = bits;
+    r.arrived |= me;
+    if (r.arrived == mask) {
+      r.arrived = 0;
+      ++r.generation;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lock, [&] { return r.generation != gen || (mask & gone_ & ~r.arrived) != 0; });
+      if (r.generation == gen) {
+        const unsigned int missing = mask & gone_ & ~r.arrived;
+        int l = 0;
+        while (!((missing >> l) & 1u)) ++l;
+        r.arrived &= ~me;
+        TORCH_CHECK(false, "resattn_fast emulation: ", op, " with mask 0x", hex(mask), " waits for lane ",
+                    l, ", which does not exist or has returned (a hang or undefined on a GPU)");
+      }
+    }
+    return r.values[gen & 1][src];
+  }
+
+ private:
+  struct Round {
+    unsigned int arrived = 0;
+    std::uint64_t generation = 0;
+    std::uint64_t values[2][32] = {};
+  };
+
+  static std::string hex(unsigned int v) {
+    char buf[16];
+    std::snprintf(buf, sizeof(buf), "%08x", v);
+    return buf;
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  unsigned int gone_ = 0;
+  std::map<unsigned int, Round> rounds_;
+};
+
 struct Block {
   const std::function<void()>* body = nullptr;
   dim3 grid, block, index;
   unsigned char* shared = nullptr;
-  Barrier barrier;
+  Barrier start;    // every thread of the block is running before any runs the kernel
+  Barrier barrier;  // __syncthreads
+  std::array<Warp, 32> warps;  // 1024 threads at most
 };
 
 thread_local Block* current_block = nullptr;
+thread_local int current_linear = 0;  // the running thread's linear index in its block
 
 // Persistent workers; worker t runs thread t (linear index) of every block.
 class Pool {
@@ -86,7 +161,11 @@ class Pool {
       const std::uint64_t now = generation_;  // only this (launching) thread changes it
       workers_.emplace_back([this, id, now] { work(id, now); });
     }
+    block.start.reset(threads);
     block.barrier.reset(threads);
+    for (int w = 0; w < static_cast<int>(block.warps.size()); ++w) {
+      block.warps[w].reset(std::min(std::max(threads - 32 * w, 0), 32));
+    }
     std::unique_lock<std::mutex> lock(mu_);
     block_ = &block;
     active_ = threads;
@@ -117,13 +196,19 @@ class Pool {
       blockDim = block->block;
       gridDim = block->grid;
       current_block = block;
+      current_linear = id;
       std::exception_ptr error;
+      // The threads of a block start together: what they do before their first barrier is
+      // as concurrent as between two barriers (for ThreadSanitizer too: no thread's start
+      // is ordered after another's end).
+      block->start.arrive_and_wait();
       try {
         (*block->body)();
       } catch (...) {
         error = std::current_exception();
       }
       block->barrier.drop();
+      block->warps[id / 32].leave(id % 32);
       current_block = nullptr;
       std::lock_guard<std::mutex> lock(mu_);
       if (error && !error_) error_ = error;
@@ -180,6 +265,16 @@ void clear_launches() {
 unsigned char* dynamic_shared_memory() {
   TORCH_CHECK(current_block != nullptr, "resattn_fast emulation: shared memory outside a kernel");
   return current_block->shared;
+}
+
+int lane_id() { return current_linear % 32; }
+
+std::uint64_t warp_exchange(const char* op, unsigned int mask, std::uint64_t bits, int src_lane) {
+  TORCH_CHECK(current_block != nullptr, "resattn_fast emulation: ", op, " outside a kernel");
+  TORCH_CHECK(src_lane >= 0 && src_lane < 32, "resattn_fast emulation: ", op, " source lane ",
+              src_lane, " out of range");
+  return current_block->warps[current_linear / 32].exchange(op, current_linear % 32, mask, bits,
+                                                            src_lane);
 }
 
 void check_last_launch() {

@@ -4,8 +4,9 @@
 // What is modelled, because the kernels depend on it:
 // - A launch runs every block of the grid (in reverse order: no kernel may rely on block
 //   order). The threads of a block run concurrently, one OS thread each (a pool reused
-//   across blocks); __syncthreads() is a real barrier across them, and a thread that has
-//   returned no longer counts towards it (as on sm_70 and later).
+//   across blocks), all started before any of them enters the kernel; __syncthreads() is a
+//   real barrier across them, and a thread that has returned no longer counts towards it
+//   (as on sm_70 and later).
 // - threadIdx / blockIdx / blockDim / gridDim are those of the launch (thread-local).
 // - Dynamic shared memory is allocated per block, exactly as large as launched (so
 //   AddressSanitizer sees an overrun), aligned to 16 bytes and poisoned with 0xFF bytes
@@ -16,15 +17,27 @@
 //   shared memory <= 48 KiB (no opt-in), reported by RESATTN_KERNEL_LAUNCH_CHECK().
 // - A small device (few multiprocessors) sizes grids, so grid-stride loops take several
 //   turns; set_device() changes it for tests.
+// - Warps: lanes 32k..32k+31 of the block's linear thread index form warp k. The warp
+//   shuffles (__shfl_sync, __shfl_down_sync, __shfl_xor_sync) and __syncwarp are
+//   warp-synchronous exchanges: every lane named in the mask must arrive at the same
+//   exchange (with the same mask) before any of them reads another lane's value. A lane
+//   that calls one without being in its mask, a mask that names a lane which does not
+//   exist or has returned, or a read from a lane outside the mask is an error (undefined
+//   behaviour on a GPU), raised instead of hanging.
+// - Every synchronisation (__syncthreads, the warp exchanges, the start and end of a block)
+//   goes through a mutex and a condition variable, which ThreadSanitizer understands: in
+//   the TSan build a shared-memory access that no barrier orders is reported as a race.
 //
-// Not modelled (only a GPU shows them): warps and their scheduling, the memory model
-// beyond barriers, speed, the real device's limits and caches.
+// Not modelled (only a GPU shows them): the scheduling of warps (lanes run independently
+// between exchanges), the memory model beyond barriers, speed, the real device's limits
+// and caches.
 #pragma once
 
 #include <c10/core/Device.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <string>
 #include <tuple>
@@ -54,11 +67,40 @@ extern thread_local dim3 gridDim;
 // Barrier across the threads of the running block.
 void __syncthreads();
 
+// The warp size of every NVIDIA GPU, as CUDA's built-in variable.
+constexpr int warpSize = 32;
+
 namespace resattn {
 namespace emu {
 
 // The dynamic shared memory of the running block (nullptr when launched with 0 bytes).
 unsigned char* dynamic_shared_memory();
+
+// One warp-synchronous exchange: the calling lane offers `bits` and receives those that
+// lane `src_lane` (of the same warp) offered to the same exchange. Every lane in `mask`
+// must call it (see the header comment); `op` names the primitive in error messages.
+std::uint64_t warp_exchange(const char* op, unsigned int mask, std::uint64_t bits, int src_lane);
+// The lane index (0..31) of the calling thread within its warp.
+int lane_id();
+
+template <typename T>
+T warp_shuffle(const char* op, unsigned int mask, T var, int src_lane) {
+  static_assert(sizeof(T) <= sizeof(std::uint64_t) && std::is_trivially_copyable<T>::value,
+                "emulated warp shuffles move values of at most 64 bits");
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &var, sizeof(T));
+  bits = warp_exchange(op, mask, bits, src_lane);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+// The source lane of a shuffle within segments of `width` lanes (a power of two <= 32):
+// a target outside the caller's segment yields the caller's own value, as on a GPU.
+inline int shuffle_source(int lane, int target, int width) {
+  const int base = lane & ~(width - 1);
+  return target >= base && target < base + width ? target : lane;
+}
 
 // ------------------------------------------------------------- device and options
 struct Options {
@@ -133,6 +175,33 @@ struct Launch {
 
 }  // namespace emu
 }  // namespace resattn
+
+// ------------------------------------------------------------------ warp primitives
+template <typename T>
+T __shfl_sync(unsigned int mask, T var, int src_lane, int width = warpSize) {
+  const int lane = ::resattn::emu::lane_id();
+  const int base = lane & ~(width - 1);
+  return ::resattn::emu::warp_shuffle("__shfl_sync", mask, var, base + (src_lane & (width - 1)));
+}
+
+template <typename T>
+T __shfl_down_sync(unsigned int mask, T var, unsigned int delta, int width = warpSize) {
+  const int lane = ::resattn::emu::lane_id();
+  return ::resattn::emu::warp_shuffle(
+      "__shfl_down_sync", mask, var,
+      ::resattn::emu::shuffle_source(lane, lane + static_cast<int>(delta), width));
+}
+
+template <typename T>
+T __shfl_xor_sync(unsigned int mask, T var, int lane_mask, int width = warpSize) {
+  const int lane = ::resattn::emu::lane_id();
+  return ::resattn::emu::warp_shuffle("__shfl_xor_sync", mask, var,
+                                      ::resattn::emu::shuffle_source(lane, lane ^ lane_mask, width));
+}
+
+inline void __syncwarp(unsigned int mask = 0xffffffffu) {
+  ::resattn::emu::warp_exchange("__syncwarp", mask, 0, ::resattn::emu::lane_id());
+}
 
 // kernel<<<grid, block, shared_bytes, stream>>>(args...) is spelled
 // RESATTN_LAUNCH(grid, block, shared_bytes, stream, kernel)(args...).

@@ -16,6 +16,8 @@ namespace emu_selftest {
 at::Tensor shared_exchange(int64_t blocks, int64_t threads, bool barrier);
 at::Tensor out_of_bounds_write(int64_t n);
 at::Tensor misaligned_vector_read(int64_t nvec);
+at::Tensor warp_shuffle(int64_t blocks, int64_t threads);
+at::Tensor divergent_shuffle();
 }  // namespace emu_selftest
 }  // namespace resattn
 
@@ -74,6 +76,8 @@ py::dict build_info() {
   py::dict info;
 #if defined(__SANITIZE_ADDRESS__)
   info["sanitizer"] = "address";
+#elif defined(__SANITIZE_THREAD__)
+  info["sanitizer"] = "thread";
 #else
   info["sanitizer"] = "";
 #endif
@@ -98,4 +102,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The CUDA kernels' index decision: true if 32-bit offsets reach every element of t.");
   m.def("selftest_misaligned_vector_read", &resattn::emu_selftest::misaligned_vector_read,
         "A kernel that reads 128-bit vectors from a pointer 4 bytes off alignment (for UBSan).");
+  m.def("selftest_warp_shuffle", &resattn::emu_selftest::warp_shuffle,
+        "Warp shuffles (down, xor, broadcast, half-warp mask): (blocks * threads, 4) floats.");
+  m.def("selftest_divergent_shuffle", &resattn::emu_selftest::divergent_shuffle,
+        "A shuffle whose mask names lanes that have returned: raises.");
 }

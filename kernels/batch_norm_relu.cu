@@ -1,0 +1,1048 @@
+// CUDA kernels of resattn_fast::batch_norm_relu, batch_norm_relu_backward and
+// batch_norm_update_stats (the contract: csrc/schemas.h; the math: kernels/batch_norm_relu.h,
+// which the CPU backend runs too).
+//
+// Layouts. x is made dense in its suggested memory format first (NCHW or channels_last);
+// grad and grad_residual are copied into that same order when theirs differs, so one flat
+// index addresses the same element in every buffer, and the outputs take that layout.
+// NCHW is read as (N, C, HW), channels_last as (M = N*H*W rows, C).
+//
+// Per-channel reductions (training statistics; the backward's sums), in two kernels:
+//   1. partials: the (N, H, W) extent of each channel is cut into fixed chunks (sizes from
+//      the shape only, never the device); one block reduces one (channel [tile], chunk)
+//      item at a time (grid-stride over items) and writes its partial to a workspace.
+//      NCHW: a 1-D block, each thread a strided part of the chunk. channels_last: a 2-D
+//      block, threadIdx.x over VEC-channel vectors of one row (128-bit loads along C),
+//      threadIdx.y over rows. In-block combine: warp shuffles, then shared memory.
+//   2. finalize: one warp per channel combines that channel's partials in index order,
+//      writes the op's per-channel results and the row of coefficients the elementwise
+//      pass reads (so no element pays a square root or a division).
+// Statistics: each thread sums its values' deviations from a shift (the chunk's first
+// value of the channel), turns them into a Welford state (count, mean, M2), and the states
+// are combined with Chan's formula (resattn::welford_combine); the backward's sums are
+// plain sums; all in acc_t (float32; float64 for float64). Every combination happens
+// in an order fixed by the shape: bit-identical run to run and on any device size (number
+// of SMs), no atomics.
+//
+// Elementwise passes (normalise + ReLU; the backward's apply) run over the flat memory
+// order, VEC elements (128 bits) per access when the channel extent allows it (NCHW:
+// HW % VEC == 0, a vector stays in one channel; channels_last: C % VEC == 0) and every
+// pointer is 16-byte aligned; else one element at a time. Index math is 32-bit when every
+// offset fits (fits_int32), else 64-bit; loop counters are 64-bit. In eval each block
+// first computes every channel's (mean, scale, bias) into its shared memory (a global
+// table written by one small kernel when C is too large for 48 KiB).
+//
+// Passes over x: training forward 2 (partials; normalise) + a tiny finalize; eval forward 1
+// (one launch); backward 2 in training or with weight_grads (sums; apply) and 1 in eval
+// without (one launch).
+// batch_norm_update_stats: one kernel for both running tensors.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "batch_norm_relu.h"
+#include "checks.h"
+#include "cuda_common.cuh"
+
+namespace resattn {
+namespace cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr unsigned int kFullMask = 0xffffffffu;
+constexpr int kWarpsPerBlock = kThreads / kWarp;
+// A chunk gives each thread of the block at least this many vectors (NCHW) or rows
+// (channels_last) to reduce before the block combines.
+constexpr int64_t kItemsPerThread = 16;
+// At most this many chunks (partials) per channel: larger chunks for larger batches keep
+// the workspace and the finalize small.
+constexpr int64_t kMaxChunks = 256;
+// Per-channel rows the passes over x read: mean, scale, bias, invstd (normalise, eval
+// backward, the backward's sums); training backward: those and grad_bias / M, grad_weight / M. Computed
+// once per channel, so that no element pays a square root or a division.
+constexpr int kFwdRow = 4;
+constexpr int kBwdRow = 6;
+// The eval passes build their rows in shared memory up to this size (else in global memory).
+constexpr int64_t kMaxRowsSharedBytes = 48 * 1024;
+
+// ------------------------------------------------------------------ reduction states
+// Welford state of one channel (or part of one): count, mean, sum of squared deviations.
+template <typename acc_t>
+struct Welford {
+  acc_t n, mean, m2;
+
+  static __device__ __forceinline__ Welford zero() { return {acc_t(0), acc_t(0), acc_t(0)}; }
+  __device__ __forceinline__ void add(acc_t v) {
+    n += acc_t(1);
+    const acc_t delta = v - mean;
+    mean += delta / n;
+    m2 += delta * (v - mean);
+  }
+  __device__ __forceinline__ void combine(const Welford& o) {
+    welford_combine<acc_t>(n, mean, m2, o.n, o.mean, o.m2);
+  }
+  __device__ __forceinline__ Welford shfl_down(unsigned int offset) const {
+    return {__shfl_down_sync(kFullMask, n, offset), __shfl_down_sync(kFullMask, mean, offset),
+            __shfl_down_sync(kFullMask, m2, offset)};
+  }
+};
+
+// The backward's sums of one channel: sum(dy) and sum(dy * (x - mean)).
+template <typename acc_t>
+struct GradSums {
+  acc_t dy, dy_xmu;
+
+  static __device__ __forceinline__ GradSums zero() { return {acc_t(0), acc_t(0)}; }
+  __device__ __forceinline__ void combine(const GradSums& o) {
+    dy += o.dy;
+    dy_xmu += o.dy_xmu;
+  }
+  __device__ __forceinline__ GradSums shfl_down(unsigned int offset) const {
+    return {__shfl_down_sync(kFullMask, dy, offset), __shfl_down_sync(kFullMask, dy_xmu, offset)};
+  }
+};
+
+// One thread's share of a chunk, as sums of deviations from a shift (a value of the same
+// channel, so the deviations are of the order of the spread): no division per element;
+// converted to a Welford state once, before the threads combine.
+template <typename acc_t>
+struct ShiftedSums {
+  acc_t shift, n, s1, s2;
+
+  static __device__ __forceinline__ ShiftedSums from_shift(acc_t shift) {
+    return {shift, acc_t(0), acc_t(0), acc_t(0)};
+  }
+  __device__ __forceinline__ void add(acc_t v) {
+    const acc_t d = v - shift;
+    n += acc_t(1);
+    s1 += d;
+    s2 += d * d;
+  }
+  __device__ __forceinline__ Welford<acc_t> welford() const {
+    if (n == acc_t(0)) return Welford<acc_t>::zero();
+    const acc_t d_mean = s1 / n;
+    const acc_t m2 = s2 - s1 * d_mean;
+    return {n, shift + d_mean, m2 > acc_t(0) ? m2 : acc_t(0)};
+  }
+};
+
+// Lane 0 ends with the combination of the warp's 32 states (a fixed tree).
+template <typename State>
+__device__ __forceinline__ void warp_reduce(State& s) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) s.combine(s.shfl_down(offset));
+}
+
+// 1-D block of kThreads: thread 0 ends with the block's combination. `smem` holds
+// kWarpsPerBlock states; all threads must call (it synchronises, also before returning,
+// so `smem` may be reused at once).
+template <typename State>
+__device__ __forceinline__ void block_reduce(State& s, State* smem) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  warp_reduce(s);
+  if (lane == 0) smem[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < kWarpsPerBlock ? smem[lane] : State::zero();
+    warp_reduce(s);
+  }
+  __syncthreads();
+}
+
+// 2-D block (blockDim.x a power of two <= 32, blockDim.x * blockDim.y == kThreads): the
+// threads of row 0 end with the combination over all rows of their column's VEC states.
+// `smem` holds kWarpsPerBlock * blockDim.x * VEC states; synchronises like block_reduce.
+template <typename State, int VEC>
+__device__ __forceinline__ void block_reduce_columns(State (&s)[VEC], State* smem) {
+  const int tx = static_cast<int>(blockDim.x);
+  const int linear = static_cast<int>(threadIdx.y) * tx + static_cast<int>(threadIdx.x);
+  const int lane = linear % kWarp, warp = linear / kWarp;
+  // Lanes tx apart hold the same column of different rows.
+  for (int offset = kWarp / 2; offset >= tx; offset /= 2) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s[k].combine(s[k].shfl_down(offset));
+  }
+  if (lane < tx) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) smem[(warp * tx + lane) * VEC + k] = s[k];
+  }
+  __syncthreads();
+  if (threadIdx.y == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s[k] = smem[threadIdx.x * VEC + k];
+    for (int w = 1; w < kWarpsPerBlock; ++w) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s[k].combine(smem[(w * tx + threadIdx.x) * VEC + k]);
+    }
+  }
+  __syncthreads();
+}
+
+// ------------------------------------------------------------ per-channel parameters
+// A (C,) vector of float32 or of scalar_t (nullptr: absent, the default value).
+template <typename scalar_t>
+struct ChannelVec {
+  const void* ptr;
+  bool is_float;
+
+  __device__ __forceinline__ at::opmath_type<scalar_t> load(int64_t c,
+                                                            at::opmath_type<scalar_t> absent) const {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (ptr == nullptr) return absent;
+    return is_float ? static_cast<acc_t>(static_cast<const float*>(ptr)[c])
+                    : static_cast<acc_t>(static_cast<const scalar_t*>(ptr)[c]);
+  }
+};
+
+// mean, var (the statistics normalised with), weight, bias: what every pass needs.
+template <typename scalar_t>
+struct BnParams {
+  using acc_t = at::opmath_type<scalar_t>;
+  ChannelVec<scalar_t> mean, var, weight, bias;
+  acc_t eps;
+};
+
+// One channel's coefficients, in acc_t.
+template <typename acc_t>
+struct ChannelCoef {
+  acc_t mean, invstd, scale, bias;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ ChannelCoef<at::opmath_type<scalar_t>> channel_coef(
+    const BnParams<scalar_t>& p, int64_t c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  ChannelCoef<acc_t> k;
+  k.mean = p.mean.load(c, acc_t(0));
+  k.invstd = bn_invstd<acc_t>(p.var.load(c, acc_t(1)), p.eps);
+  k.scale = p.weight.load(c, acc_t(1)) * k.invstd;
+  k.bias = p.bias.load(c, acc_t(0));
+  return k;
+}
+
+// One (channel, chunk) item of an NCHW reduction: vectors [begin, begin + size) of channel
+// c's N * HW / VEC, sample-major. Offsets within the chunk are 32-bit (a chunk is small):
+// the per-vector division stays a 32-bit one even on the 64-bit index path.
+template <typename index_t>
+struct NchwChunk {
+  index_t c, n0;
+  uint32_t r0, size;
+
+  __device__ __forceinline__ NchwChunk(uint32_t item, uint32_t chunks, index_t chunk,
+                                       index_t per_channel, index_t hwv) {
+    c = static_cast<index_t>(item / chunks);
+    const index_t begin = static_cast<index_t>(item % chunks) * chunk;
+    size = static_cast<uint32_t>(per_channel - begin < chunk ? per_channel - begin : chunk);
+    n0 = begin / hwv;
+    r0 = static_cast<uint32_t>(begin - n0 * hwv);
+  }
+  // Vector offset in x of the chunk's j-th vector.
+  __device__ __forceinline__ index_t offset(uint32_t j, index_t C, index_t hwv) const {
+    const uint32_t t = r0 + j;
+    const uint32_t q = t / static_cast<uint32_t>(hwv);
+    const uint32_t r = t - q * static_cast<uint32_t>(hwv);
+    return ((n0 + static_cast<index_t>(q)) * C + c) * hwv + static_cast<index_t>(r);
+  }
+};
+
+// ------------------------------------------------------------- statistics (training)
+// NCHW partials: item = c * chunks + k covers vectors [k * chunk, (k + 1) * chunk) of
+// channel c's N * HW / VEC (sample-major), written to part[item].
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void __launch_bounds__(kThreads) bn_stats_nchw_kernel(
+    const scalar_t* __restrict__ x, Welford<at::opmath_type<scalar_t>>* __restrict__ part,
+    index_t C, index_t hwv, index_t per_channel, index_t chunk, uint32_t chunks, uint32_t items) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec_t = AlignedVec<scalar_t, VEC>;
+  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
+  Welford<acc_t>* smem = reinterpret_cast<Welford<acc_t>*>(resattn_smem);
+  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const NchwChunk<index_t> ch(item, chunks, chunk, per_channel, hwv);
+    // The chunk's first value is every thread's shift.
+    ShiftedSums<acc_t> sums = ShiftedSums<acc_t>::from_shift(
+        static_cast<acc_t>(x[ch.offset(0, C, hwv) * VEC]));
+    for (uint32_t j = threadIdx.x; j < ch.size; j += kThreads) {
+      const vec_t v = reinterpret_cast<const vec_t*>(x)[ch.offset(j, C, hwv)];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sums.add(static_cast<acc_t>(v.val[k]));
+    }
+    Welford<acc_t> s = sums.welford();
+    block_reduce(s, smem);
+    if (threadIdx.x == 0) part[item] = s;
+  }
+}
+
+// channels_last partials: item = tile * chunks + k covers rows [k * chunk, (k + 1) * chunk)
+// of channel vectors [tile * blockDim.x, (tile + 1) * blockDim.x); channel c's partial of
+// chunk k goes to part[c * chunks + k].
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void __launch_bounds__(kThreads) bn_stats_cl_kernel(
+    const scalar_t* __restrict__ x, Welford<at::opmath_type<scalar_t>>* __restrict__ part,
+    index_t cvs, index_t rows, index_t chunk, uint32_t chunks, uint32_t items) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec_t = AlignedVec<scalar_t, VEC>;
+  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
+  Welford<acc_t>* smem = reinterpret_cast<Welford<acc_t>*>(resattn_smem);
+  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const uint32_t k_chunk = item % chunks;
+    const index_t cv = static_cast<index_t>(item / chunks) * static_cast<index_t>(blockDim.x) +
+                       static_cast<index_t>(threadIdx.x);
+    const index_t begin = static_cast<index_t>(k_chunk) * chunk;
+    const index_t end = rows - begin < chunk ? rows : begin + chunk;
+    Welford<acc_t> s[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s[k] = Welford<acc_t>::zero();
+    if (cv < cvs) {
+      // The chunk's first row is the shift of every thread of this column.
+      const vec_t first = reinterpret_cast<const vec_t*>(x)[begin * cvs + cv];
+      ShiftedSums<acc_t> sums[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) sums[k] = ShiftedSums<acc_t>::from_shift(static_cast<acc_t>(first.val[k]));
+      for (int64_t rr = begin + static_cast<int64_t>(threadIdx.y); rr < end; rr += blockDim.y) {
+        const index_t r = static_cast<index_t>(rr);
+        const vec_t v = reinterpret_cast<const vec_t*>(x)[r * cvs + cv];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) sums[k].add(static_cast<acc_t>(v.val[k]));
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s[k] = sums[k].welford();
+    }
+    block_reduce_columns<Welford<acc_t>, VEC>(s, smem);
+    if (threadIdx.y == 0 && cv < cvs) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) part[(static_cast<int64_t>(cv) * VEC + k) * chunks + k_chunk] = s[k];
+    }
+  }
+}
+
+// One warp per channel (a warp for every channel: no loop around the divisions): the
+// channel's partials, in index order, -> mean, biased var, and the channel's row of the
+// normalise pass. The partials (n_k, mean_k, M2_k) combine as n = sum n_k,
+// mean = sum(n_k mean_k) / n, M2 = sum(M2_k + n_k (mean_k - mean)^2): plain sums in a
+// fixed order, the divisions once at the end.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) bn_stats_finalize_kernel(
+    const Welford<at::opmath_type<scalar_t>>* __restrict__ part, uint32_t chunks, int64_t C,
+    BnParams<scalar_t> p, at::opmath_type<scalar_t>* __restrict__ mean,
+    at::opmath_type<scalar_t>* __restrict__ var, at::opmath_type<scalar_t>* __restrict__ rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (c >= C) return;  // whole warps
+  const Welford<acc_t>* pc = part + c * chunks;
+  GradSums<acc_t> sums = GradSums<acc_t>::zero();  // (sum n_k, sum n_k mean_k)
+  for (uint32_t k = lane; k < chunks; k += kWarp) {
+    sums.dy += pc[k].n;
+    sums.dy_xmu += pc[k].n * pc[k].mean;
+  }
+  warp_reduce(sums);
+  const acc_t n = __shfl_sync(kFullMask, sums.dy, 0);
+  const acc_t mu = __shfl_sync(kFullMask, sums.dy_xmu, 0) / n;
+  acc_t m2 = 0;
+  for (uint32_t k = lane; k < chunks; k += kWarp) {
+    const acc_t d = pc[k].mean - mu;
+    m2 += pc[k].m2 + pc[k].n * d * d;
+  }
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) m2 += __shfl_down_sync(kFullMask, m2, offset);
+  if (lane == 0) {
+    const acc_t v = m2 / n;
+    mean[c] = mu;
+    var[c] = v;
+    const acc_t invstd = bn_invstd<acc_t>(v, p.eps);
+    acc_t* row = rows + c * kFwdRow;
+    row[0] = mu;
+    row[1] = p.weight.load(c, acc_t(1)) * invstd;
+    row[2] = p.bias.load(c, acc_t(0));
+    row[3] = invstd;
+  }
+}
+
+// The rows (kFwdRow: mean, scale, bias, invstd) of channels [first, C) with stride `step`, from
+// the statistics and parameters in p.
+template <typename scalar_t>
+__device__ __forceinline__ void fill_rows(const BnParams<scalar_t>& p, int64_t first, int64_t step,
+                                          int64_t C, at::opmath_type<scalar_t>* rows) {
+  for (int64_t c = first; c < C; c += step) {
+    const ChannelCoef<at::opmath_type<scalar_t>> q = channel_coef(p, c);
+    rows[c * kFwdRow + 0] = q.mean;
+    rows[c * kFwdRow + 1] = q.scale;
+    rows[c * kFwdRow + 2] = q.bias;
+    rows[c * kFwdRow + 3] = q.invstd;
+  }
+}
+
+// The rows of every channel into global memory: for the backward's sums, and for the eval
+// passes when they do not fit in a block's shared memory (C in the thousands).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) bn_rows_kernel(BnParams<scalar_t> p, int64_t C,
+                                                           at::opmath_type<scalar_t>* __restrict__ rows) {
+  fill_rows(p, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+            static_cast<int64_t>(gridDim.x) * blockDim.x, C, rows);
+}
+
+// The per-channel rows an elementwise pass reads: `global_rows` when given (written by a
+// finalize kernel), else computed by this block into its shared memory (all threads call).
+template <typename scalar_t>
+__device__ __forceinline__ const at::opmath_type<scalar_t>* channel_rows(
+    const at::opmath_type<scalar_t>* global_rows, const BnParams<scalar_t>& p, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (global_rows != nullptr) return global_rows;
+  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
+  acc_t* rows = reinterpret_cast<acc_t*>(resattn_smem);
+  fill_rows(p, threadIdx.x, blockDim.x, C, rows);
+  __syncthreads();
+  return rows;
+}
+
+// The grid stride of an elementwise pass in (vector within plane or channel vector,
+// channel) terms: stride % inner and (stride / inner) % C, computed on the host.
+template <typename index_t>
+struct Stride {
+  index_t pos, c;
+};
+
+// Where vector i of a grid-stride loop lies, followed from step to step without a
+// division: `pos` = i % inner (NCHW: the vector within its plane; channels_last: the
+// channel vector) and, NCHW only, `c` = (i / inner) % C.
+template <typename index_t, bool kCL>
+struct ChannelWalk {
+  index_t pos, c, step_pos, step_c, inner, C;
+
+  // i: the thread's first vector, below gridDim.x * blockDim.x < 2^32, so that the two
+  // divisions are 32-bit ones even on the 64-bit index path.
+  __device__ __forceinline__ ChannelWalk(uint32_t i, Stride<index_t> step, index_t inner_, index_t C_)
+      : step_pos(step.pos), step_c(step.c), inner(inner_), C(C_) {
+    const uint32_t q = static_cast<uint64_t>(inner) > i ? 0u : i / static_cast<uint32_t>(inner);
+    pos = static_cast<index_t>(i) - static_cast<index_t>(q) * inner;
+    if constexpr (kCL) {
+      c = 0;
+    } else {
+      c = static_cast<uint64_t>(C) > q ? static_cast<index_t>(q)
+                                       : static_cast<index_t>(q % static_cast<uint32_t>(C));
+    }
+  }
+  __device__ __forceinline__ void advance() {
+    pos += step_pos;
+    const bool carry = pos >= inner;
+    if (carry) pos -= inner;
+    if constexpr (!kCL) {
+      c += step_c + (carry ? index_t(1) : index_t(0));
+      if (c >= C) c -= C;
+    }
+  }
+};
+
+// ----------------------------------------------------------------- normalise + ReLU
+// Flat over the memory order, VEC elements per vector i. NCHW (kCL false): vector i lies
+// in channel (i / hwv) % C; channels_last: its channels are (i % cvs) * VEC + k.
+// `inner` is hwv (NCHW) or cvs (channels_last). Per-channel rows (mean, scale, bias) from
+// the statistics kernels in training; in eval computed per block into shared memory (or by
+// bn_rows_kernel), and block 0 also writes the statistics it normalised with into
+// mean_out / var_out (the op's new (C,) outputs).
+template <typename scalar_t, typename index_t, int VEC, bool kCL>
+__global__ void __launch_bounds__(kThreads) bn_relu_forward_kernel(
+    const scalar_t* __restrict__ x, scalar_t* __restrict__ out, BnParams<scalar_t> p,
+    const at::opmath_type<scalar_t>* __restrict__ global_rows, index_t C, index_t inner,
+    Stride<index_t> step, int64_t nvec, at::opmath_type<scalar_t>* __restrict__ mean_out,
+    at::opmath_type<scalar_t>* __restrict__ var_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec_t = AlignedVec<scalar_t, VEC>;
+  if (mean_out != nullptr && blockIdx.x == 0) {
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
+      mean_out[c] = p.mean.load(c, acc_t(0));
+      var_out[c] = p.var.load(c, acc_t(1));
+    }
+  }
+  const acc_t* rows = channel_rows(global_rows, p, C);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  ChannelWalk<index_t, kCL> walk(static_cast<uint32_t>(first < nvec ? first : 0), step, inner, C);
+  for (int64_t i = first; i < nvec; i += stride, walk.advance()) {
+    const index_t li = static_cast<index_t>(i);
+    const vec_t xv = reinterpret_cast<const vec_t*>(x)[li];
+    vec_t ov;
+    if constexpr (kCL) {
+      const acc_t* row = rows + walk.pos * (VEC * kFwdRow);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t* r = row + k * kFwdRow;
+        ov.val[k] = static_cast<scalar_t>(
+            bn_relu_forward<acc_t>(static_cast<acc_t>(xv.val[k]), r[0], r[1], r[2]));
+      }
+    } else {
+      const acc_t* r = rows + walk.c * kFwdRow;
+      const acc_t mean = r[0], scale = r[1], bias = r[2];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        ov.val[k] = static_cast<scalar_t>(
+            bn_relu_forward<acc_t>(static_cast<acc_t>(xv.val[k]), mean, scale, bias));
+      }
+    }
+    reinterpret_cast<vec_t*>(out)[li] = ov;
+  }
+}
+
+// ---------------------------------------------------------------------- backward sums
+// NCHW partials of sum(dy) and sum(dy * (x - mean)); items as bn_stats_nchw_kernel.
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_nchw_kernel(
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+    const at::opmath_type<scalar_t>* __restrict__ rows,
+    GradSums<at::opmath_type<scalar_t>>* __restrict__ part, index_t C, index_t hwv,
+    index_t per_channel, index_t chunk, uint32_t chunks, uint32_t items) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec_t = AlignedVec<scalar_t, VEC>;
+  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
+  GradSums<acc_t>* smem = reinterpret_cast<GradSums<acc_t>*>(resattn_smem);
+  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const NchwChunk<index_t> ch(item, chunks, chunk, per_channel, hwv);
+    const acc_t* q = rows + static_cast<int64_t>(ch.c) * kFwdRow;
+    const acc_t mean = q[0], scale = q[1], bias = q[2];
+    GradSums<acc_t> s = GradSums<acc_t>::zero();
+    for (uint32_t j = threadIdx.x; j < ch.size; j += kThreads) {
+      const index_t off = ch.offset(j, C, hwv);
+      const vec_t gv = reinterpret_cast<const vec_t*>(grad)[off];
+      const vec_t xv = reinterpret_cast<const vec_t*>(x)[off];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t xk = static_cast<acc_t>(xv.val[k]);
+        const acc_t dy = bn_relu_dy<acc_t>(static_cast<acc_t>(gv.val[k]), xk, mean, scale, bias);
+        s.dy += dy;
+        s.dy_xmu += dy * (xk - mean);
+      }
+    }
+    block_reduce(s, smem);
+    if (threadIdx.x == 0) part[item] = s;
+  }
+}
+
+// channels_last partials; items and layout as bn_stats_cl_kernel.
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+    const at::opmath_type<scalar_t>* __restrict__ coef,
+    GradSums<at::opmath_type<scalar_t>>* __restrict__ part, index_t cvs, index_t rows,
+    index_t chunk, uint32_t chunks, uint32_t items) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec_t = AlignedVec<scalar_t, VEC>;
+  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
+  GradSums<acc_t>* smem = reinterpret_cast<GradSums<acc_t>*>(resattn_smem);
+  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const uint32_t k_chunk = item % chunks;
+    const index_t cv = static_cast<index_t>(item / chunks) * static_cast<index_t>(blockDim.x) +
+                       static_cast<index_t>(threadIdx.x);
+    const index_t begin = static_cast<index_t>(k_chunk) * chunk;
+    const index_t end = rows - begin < chunk ? rows : begin + chunk;
+    GradSums<acc_t> s[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s[k] = GradSums<acc_t>::zero();
+    if (cv < cvs) {
+      ChannelCoef<acc_t> q[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        const acc_t* r = coef + (static_cast<int64_t>(cv) * VEC + k) * kFwdRow;
+        q[k] = {r[0], r[3], r[1], r[2]};
+      }
+      for (int64_t rr = begin + static_cast<int64_t>(threadIdx.y); rr < end; rr += blockDim.y) {
+        const index_t r = static_cast<index_t>(rr);
+        const vec_t gv = reinterpret_cast<const vec_t*>(grad)[r * cvs + cv];
+        const vec_t xv = reinterpret_cast<const vec_t*>(x)[r * cvs + cv];
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          const acc_t xk = static_cast<acc_t>(xv.val[k]);
+          const acc_t dy =
+              bn_relu_dy<acc_t>(static_cast<acc_t>(gv.val[k]), xk, q[k].mean, q[k].scale, q[k].bias);
+          s[k].dy += dy;
+          s[k].dy_xmu += dy * (xk - q[k].mean);
+        }
+      }
+    }
+    block_reduce_columns<GradSums<acc_t>, VEC>(s, smem);
+    if (threadIdx.y == 0 && cv < cvs) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) part[(static_cast<int64_t>(cv) * VEC + k) * chunks + k_chunk] = s[k];
+    }
+  }
+}
+
+// One warp per channel (a warp for every channel): grad_bias = sum(dy), grad_weight =
+// sum(dy * x_hat) = invstd * sum(dy * (x - mean)), from the partials in index order; and,
+// in training, the channel's row of the apply pass (kBwdRow: mean, scale, bias, invstd,
+// grad_bias / M, grad_weight / M). `coef`: the rows the sums were taken with.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_finalize_kernel(
+    const GradSums<at::opmath_type<scalar_t>>* __restrict__ part, uint32_t chunks, int64_t C,
+    const at::opmath_type<scalar_t>* __restrict__ coef, at::opmath_type<scalar_t> inv_count,
+    at::opmath_type<scalar_t>* __restrict__ grad_weight,
+    at::opmath_type<scalar_t>* __restrict__ grad_bias, at::opmath_type<scalar_t>* __restrict__ rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
+  if (c >= C) return;  // whole warps
+  GradSums<acc_t> s = GradSums<acc_t>::zero();
+  for (uint32_t k = lane; k < chunks; k += kWarp) s.combine(part[c * chunks + k]);
+  warp_reduce(s);
+  if (lane == 0) {
+    const acc_t* q = coef + c * kFwdRow;
+    const acc_t gw = s.dy_xmu * q[3];
+    grad_bias[c] = s.dy;
+    grad_weight[c] = gw;
+    if (rows != nullptr) {
+      acc_t* row = rows + c * kBwdRow;
+      row[0] = q[0];
+      row[1] = q[1];
+      row[2] = q[2];
+      row[3] = q[3];
+      row[4] = s.dy * inv_count;
+      row[5] = gw * inv_count;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------- backward apply
+// grad_x (+ grad_residual) over the flat memory order, vectors as bn_relu_forward_kernel.
+// Training: per-channel rows of kBwdRow from the sums' finalize (global_rows); eval:
+// grad_x = scale * dy from rows of kFwdRow, computed per block (or by bn_rows_kernel).
+template <typename scalar_t, typename index_t, int VEC, bool kCL, bool kTrain>
+__global__ void __launch_bounds__(kThreads) bn_relu_backward_kernel(
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ grad_residual, scalar_t* __restrict__ grad_x, BnParams<scalar_t> p,
+    const at::opmath_type<scalar_t>* __restrict__ global_rows, index_t C, index_t inner,
+    Stride<index_t> step, int64_t nvec) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using vec_t = AlignedVec<scalar_t, VEC>;
+  constexpr int kRow = kTrain ? kBwdRow : kFwdRow;
+  const acc_t* rows;
+  if constexpr (kTrain) {
+    rows = global_rows;
+  } else {
+    rows = channel_rows(global_rows, p, C);
+  }
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  ChannelWalk<index_t, kCL> walk(static_cast<uint32_t>(first < nvec ? first : 0), step, inner, C);
+  auto apply = [&](int64_t i) {
+    const index_t li = static_cast<index_t>(i);
+    const vec_t gv = reinterpret_cast<const vec_t*>(grad)[li];
+    const vec_t xv = reinterpret_cast<const vec_t*>(x)[li];
+    const acc_t* row = kCL ? rows + walk.pos * (VEC * kRow) : rows + walk.c * kRow;
+    acc_t gx[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const acc_t* r = kCL ? row + k * kRow : row;
+      const acc_t xk = static_cast<acc_t>(xv.val[k]);
+      const acc_t dy = bn_relu_dy<acc_t>(static_cast<acc_t>(gv.val[k]), xk, r[0], r[1], r[2]);
+      if constexpr (kTrain) {
+        gx[k] = bn_relu_grad_x_train<acc_t>(dy, xk, r[0], r[3], r[1], r[4], r[5]);
+      } else {
+        gx[k] = r[1] * dy;
+      }
+    }
+    if (grad_residual != nullptr) {
+      const vec_t rv = reinterpret_cast<const vec_t*>(grad_residual)[li];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) gx[k] += static_cast<acc_t>(rv.val[k]);
+    }
+    vec_t ov;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) ov.val[k] = static_cast<scalar_t>(gx[k]);
+    reinterpret_cast<vec_t*>(grad_x)[li] = ov;
+  };
+  if constexpr (sizeof(index_t) == 8) {
+    // Not unrolled on the 64-bit path (tensors of 2^31 elements and more): unrolled, its
+    // 64-bit offsets would spill on sm_80.
+#pragma unroll 1
+    for (int64_t i = first; i < nvec; i += stride, walk.advance()) apply(i);
+  } else {
+    for (int64_t i = first; i < nvec; i += stride, walk.advance()) apply(i);
+  }
+}
+
+// ------------------------------------------------------------------ running statistics
+template <typename run_t>
+__global__ void __launch_bounds__(kThreads) bn_update_stats_kernel(
+    run_t* __restrict__ running_mean, run_t* __restrict__ running_var, ChannelVec<run_t> mean,
+    ChannelVec<run_t> var, at::opmath_type<run_t> momentum, int64_t count, int64_t C) {
+  using acc_t = at::opmath_type<run_t>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C; c += stride) {
+    acc_t rm = static_cast<acc_t>(running_mean[c]);
+    acc_t rv = static_cast<acc_t>(running_var[c]);
+    bn_update_running<acc_t>(rm, rv, mean.load(c, acc_t(0)), var.load(c, acc_t(0)), momentum, count);
+    running_mean[c] = static_cast<run_t>(rm);
+    running_var[c] = static_cast<run_t>(rv);
+  }
+}
+
+// ------------------------------------------------------------------------------- host
+// A (C,) tensor as a kernel reads it: contiguous, float32 or scalar_t (any other dtype is
+// converted to float32). `keep` holds a copy alive while the kernels run.
+template <typename scalar_t>
+ChannelVec<scalar_t> channel_vec(const std::optional<at::Tensor>& t, std::vector<at::Tensor>& keep) {
+  if (!t.has_value() || !t->defined()) return {nullptr, false};
+  at::Tensor v = *t;
+  const at::ScalarType own = c10::CppTypeToScalarType<scalar_t>::value;
+  if (v.scalar_type() != at::kFloat && v.scalar_type() != own) v = v.to(at::kFloat);
+  v = v.contiguous();
+  keep.push_back(v);
+  return {v.data_ptr(), v.scalar_type() == at::kFloat};
+}
+
+// How a per-channel reduction is cut: `chunk` vectors (NCHW) or rows (channels_last) per
+// partial, `chunks` partials per channel; channels_last also `tx` x `ty` threads (tx
+// channel vectors per row) and `tiles` of tx channel vectors. From the shape only.
+struct ReducePlan {
+  int64_t chunk, chunks, tiles, items;
+  unsigned int tx, ty;
+};
+
+ReducePlan plan_reduction(bool channels_last, int64_t C, int64_t extent, int64_t cvs) {
+  ReducePlan plan{};
+  if (channels_last) {
+    int64_t tx = 1;
+    while (tx < cvs && tx < kWarp) tx *= 2;
+    plan.tx = static_cast<unsigned int>(tx);
+    plan.ty = static_cast<unsigned int>(kThreads / tx);
+    plan.tiles = (cvs + tx - 1) / tx;
+  } else {
+    plan.tx = kThreads;
+    plan.ty = 1;
+    plan.tiles = C;
+  }
+  // extent: vectors per channel (NCHW) or rows (channels_last), split over plan.ty threads
+  // (rows) or kThreads threads (vectors).
+  const int64_t threads = channels_last ? plan.ty : kThreads;
+  int64_t chunk = std::max<int64_t>(threads * kItemsPerThread, (extent + kMaxChunks - 1) / kMaxChunks);
+  chunk = (chunk + threads - 1) / threads * threads;
+  plan.chunk = chunk;
+  plan.chunks = std::max<int64_t>(1, (extent + chunk - 1) / chunk);
+  plan.items = plan.tiles * plan.chunks;
+  return plan;
+}
+
+// The elementwise passes' vector width: 128 bits when the channel extent and every pointer allow.
+template <typename scalar_t>
+bool vectorisable(bool channels_last, int64_t C, int64_t HW, std::initializer_list<const void*> ptrs) {
+  constexpr int kVec = vec_width<scalar_t>();
+  if ((channels_last ? C : HW) % kVec != 0) return false;
+  for (const void* p : ptrs) {
+    if (!aligned16(p)) return false;
+  }
+  return true;
+}
+
+// Runs `body` with constexpr bool `kCL`.
+#define RESATTN_DISPATCH_CL(channels_last, ...) \
+  [&] {                                         \
+    if (channels_last) {                        \
+      constexpr bool kCL = true;                \
+      return __VA_ARGS__();                     \
+    } else {                                    \
+      constexpr bool kCL = false;               \
+      return __VA_ARGS__();                     \
+    }                                           \
+  }()
+
+at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The per-channel partials of one reduction (State: Welford or GradSums), by layout.
+template <typename scalar_t, typename State>
+at::Tensor partials_workspace(const at::Tensor& x, const ReducePlan& plan, int64_t C) {
+  using acc_t = at::opmath_type<scalar_t>;
+  static_assert(sizeof(State) % sizeof(acc_t) == 0, "states are made of acc_t");
+  const int64_t per_state = sizeof(State) / sizeof(acc_t);
+  return at::empty({C * plan.chunks * per_state}, x.options().dtype(acc_dtype(x)));
+}
+
+// The 32-bit item counts of a reduction plan (a chunk's offsets are 32-bit too).
+void check_plan(const ReducePlan& plan, int64_t inner) {
+  TORCH_CHECK(plan.items < (int64_t{1} << 32) && inner + plan.chunk < (int64_t{1} << 32),
+              "resattn_fast: batch_norm_relu: tensor too large for the CUDA kernels' reduction plan");
+}
+
+// The grid stride of an elementwise pass of `blocks` blocks (see ChannelWalk).
+template <typename index_t>
+Stride<index_t> grid_stride(unsigned int blocks, int64_t inner, int64_t C) {
+  const int64_t stride = static_cast<int64_t>(blocks) * kThreads;
+  return {static_cast<index_t>(stride % inner), static_cast<index_t>((stride / inner) % C)};
+}
+
+// The finalize kernels' grid: a warp for every channel.
+unsigned int warp_per_channel_blocks(int64_t C) {
+  return static_cast<unsigned int>((C + kWarpsPerBlock - 1) / kWarpsPerBlock);
+}
+
+// Runs `body` with constexpr bool `kTrain`.
+#define RESATTN_DISPATCH_TRAIN(training, ...) \
+  [&] {                                       \
+    if (training) {                           \
+      constexpr bool kTrain = true;           \
+      return __VA_ARGS__();                   \
+    } else {                                  \
+      constexpr bool kTrain = false;          \
+      return __VA_ARGS__();                   \
+    }                                         \
+  }()
+
+// Where an eval pass finds its per-channel rows (kFwdRow): its blocks' shared memory when
+// they fit (returns the bytes to launch with), else a global table filled by one small
+// kernel first (`rows` set, returns 0).
+template <typename scalar_t>
+size_t eval_rows(const BnParams<scalar_t>& p, const at::Tensor& x, int64_t C, at::Tensor& rows,
+                 Stream stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t bytes = C * kFwdRow * static_cast<int64_t>(sizeof(acc_t));
+  if (bytes <= kMaxRowsSharedBytes) return static_cast<size_t>(bytes);
+  rows = at::empty({C * kFwdRow}, x.options().dtype(acc_dtype(x)));
+  RESATTN_LAUNCH(num_blocks(C), kThreads, 0, stream, bn_rows_kernel<scalar_t>)(p, C, rows.data_ptr<acc_t>());
+  RESATTN_KERNEL_LAUNCH_CHECK();
+  return 0;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double eps) {
+  check_batch_norm_relu_args(x_in, weight, bias, running_mean, running_var, training, eps);
+  check_on_device(x_in, "x");
+  const DeviceGuard guard(x_in.device());
+  const at::MemoryFormat fmt = follow_format(x_in);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(fmt);
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(fmt));
+  at::Tensor mean = at::empty({C}, x.options().dtype(acc_dtype(x)));
+  at::Tensor var = at::empty({C}, x.options().dtype(acc_dtype(x)));
+  if (x.numel() == 0) {
+    if (training) {
+      mean.zero_();
+      var.zero_();
+    } else {
+      mean.copy_(*running_mean);
+      var.copy_(*running_var);
+    }
+    return {out, mean, var};
+  }
+  const bool use32 = fits_int32(x);
+  const Stream stream = current_stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<at::Tensor> keep;
+    BnParams<scalar_t> p;
+    p.weight = channel_vec<scalar_t>(weight, keep);
+    p.bias = channel_vec<scalar_t>(bias, keep);
+    p.mean = channel_vec<scalar_t>(training ? std::nullopt : running_mean, keep);
+    p.var = channel_vec<scalar_t>(training ? std::nullopt : running_var, keep);
+    p.eps = static_cast<acc_t>(eps);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    acc_t* mp = mean.data_ptr<acc_t>();
+    acc_t* vp = var.data_ptr<acc_t>();
+    const bool vec = vectorisable<scalar_t>(cl, C, HW, {xp, op});
+    RESATTN_DISPATCH_VEC(vec, [&] {
+      RESATTN_DISPATCH_INDEX(use32, [&] {
+        const int64_t cvs = C / VEC;
+        at::Tensor rows;
+        size_t rows_smem = 0;
+        if (training) {
+          const ReducePlan plan = plan_reduction(cl, C, cl ? N * HW : N * HW / VEC, cvs);
+          check_plan(plan, cl ? 0 : HW / VEC);
+          const auto chunks = static_cast<uint32_t>(plan.chunks);
+          const auto items = static_cast<uint32_t>(plan.items);
+          at::Tensor ws = partials_workspace<scalar_t, Welford<acc_t>>(x, plan, C);
+          auto* part = reinterpret_cast<Welford<acc_t>*>(ws.data_ptr<acc_t>());
+          if (cl) {
+            const size_t smem = sizeof(Welford<acc_t>) * kWarpsPerBlock * plan.tx * VEC;
+            RESATTN_LAUNCH(num_blocks(plan.items * kThreads), dim3(plan.tx, plan.ty), smem, stream,
+                           bn_stats_cl_kernel<scalar_t, index_t, VEC>)(
+                xp, part, static_cast<index_t>(cvs), static_cast<index_t>(N * HW),
+                static_cast<index_t>(plan.chunk), chunks, items);
+          } else {
+            const size_t smem = sizeof(Welford<acc_t>) * kWarpsPerBlock;
+            RESATTN_LAUNCH(num_blocks(plan.items * kThreads), kThreads, smem, stream,
+                           bn_stats_nchw_kernel<scalar_t, index_t, VEC>)(
+                xp, part, static_cast<index_t>(C), static_cast<index_t>(HW / VEC),
+                static_cast<index_t>(N * HW / VEC), static_cast<index_t>(plan.chunk), chunks, items);
+          }
+          RESATTN_KERNEL_LAUNCH_CHECK();
+          rows = at::empty({C * kFwdRow}, x.options().dtype(acc_dtype(x)));
+          RESATTN_LAUNCH(warp_per_channel_blocks(C), kThreads, 0, stream, bn_stats_finalize_kernel<scalar_t>)(
+              part, chunks, C, p, mp, vp, rows.data_ptr<acc_t>());
+          RESATTN_KERNEL_LAUNCH_CHECK();
+        } else {
+          rows_smem = eval_rows<scalar_t>(p, x, C, rows, stream);
+        }
+        const int64_t nvec = x.numel() / VEC;
+        const unsigned int blocks = num_blocks(nvec);
+        const int64_t inner = cl ? cvs : HW / VEC;
+        RESATTN_DISPATCH_CL(cl, [&] {
+          RESATTN_LAUNCH(blocks, kThreads, rows_smem, stream,
+                         bn_relu_forward_kernel<scalar_t, index_t, VEC, kCL>)(
+              xp, op, p, rows.defined() ? rows.data_ptr<acc_t>() : nullptr, static_cast<index_t>(C),
+              static_cast<index_t>(inner), grid_stride<index_t>(blocks, inner, C), nvec,
+              training ? nullptr : mp, training ? nullptr : vp);
+          RESATTN_KERNEL_LAUNCH_CHECK();
+        });
+      });
+    });
+  });
+  return {out, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& var_in,
+    bool training, double eps, const std::optional<at::Tensor>& grad_residual_in,
+    bool weight_grads) {
+  check_batch_norm_relu_backward_args(grad_in, x_in, mean_in, var_in, grad_residual_in);
+  if (weight.has_value()) check_channel_vector(*weight, "weight", x_in);
+  if (bias.has_value()) check_channel_vector(*bias, "bias", x_in);
+  check_on_device(x_in, "x");
+  const DeviceGuard guard(x_in.device());
+  const at::MemoryFormat fmt = follow_format(x_in);
+  const bool cl = fmt == at::MemoryFormat::ChannelsLast;
+  const at::Tensor x = x_in.contiguous(fmt);
+  const at::Tensor grad = grad_in.contiguous(fmt);
+  const bool has_residual = grad_residual_in.has_value();
+  const at::Tensor residual = has_residual ? grad_residual_in->contiguous(fmt) : at::Tensor();
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const at::ScalarType acc = acc_dtype(x);
+  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(fmt));
+  const bool reduce = training || weight_grads;
+  at::Tensor gw = at::empty({reduce ? C : 0}, x.options().dtype(acc));
+  at::Tensor gb = at::empty({reduce ? C : 0}, x.options().dtype(acc));
+  auto results = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    if (!weight_grads) {
+      return {grad_x, at::empty({0}, x.options().dtype(acc)), at::empty({0}, x.options().dtype(acc))};
+    }
+    at::Tensor w = weight.has_value() ? gw.to(weight->scalar_type()) : gw;
+    at::Tensor b = bias.has_value() ? gb.to(bias->scalar_type()) : gb;
+    return {grad_x, w, b};
+  };
+  if (x.numel() == 0) {
+    gw.zero_();
+    gb.zero_();
+    return results();
+  }
+  const bool use32 = fits_int32(x);
+  const Stream stream = current_stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_relu_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<at::Tensor> keep;
+    BnParams<scalar_t> p;
+    p.mean = channel_vec<scalar_t>(mean_in, keep);
+    p.var = channel_vec<scalar_t>(var_in, keep);
+    p.weight = channel_vec<scalar_t>(weight, keep);
+    p.bias = channel_vec<scalar_t>(bias, keep);
+    p.eps = static_cast<acc_t>(eps);
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* rp = has_residual ? residual.data_ptr<scalar_t>() : nullptr;
+    scalar_t* gxp = grad_x.data_ptr<scalar_t>();
+    const bool vec = vectorisable<scalar_t>(cl, C, HW, {gp, xp, rp, gxp});
+    const acc_t inv_count = acc_t(1) / static_cast<acc_t>(N * HW);
+    RESATTN_DISPATCH_VEC(vec, [&] {
+      RESATTN_DISPATCH_INDEX(use32, [&] {
+        const int64_t cvs = C / VEC;
+        at::Tensor rows;
+        size_t rows_smem = 0;
+        if (reduce) {
+          const ReducePlan plan = plan_reduction(cl, C, cl ? N * HW : N * HW / VEC, cvs);
+          check_plan(plan, cl ? 0 : HW / VEC);
+          const auto chunks = static_cast<uint32_t>(plan.chunks);
+          const auto items = static_cast<uint32_t>(plan.items);
+          at::Tensor ws = partials_workspace<scalar_t, GradSums<acc_t>>(x, plan, C);
+          auto* part = reinterpret_cast<GradSums<acc_t>*>(ws.data_ptr<acc_t>());
+          // The rows the sums take the ReLU mask with (one small kernel, per channel).
+          at::Tensor coef = at::empty({C * kFwdRow}, x.options().dtype(acc));
+          const acc_t* cp = coef.data_ptr<acc_t>();
+          RESATTN_LAUNCH(num_blocks(C), kThreads, 0, stream, bn_rows_kernel<scalar_t>)(
+              p, C, coef.data_ptr<acc_t>());
+          RESATTN_KERNEL_LAUNCH_CHECK();
+          if (cl) {
+            const size_t smem = sizeof(GradSums<acc_t>) * kWarpsPerBlock * plan.tx * VEC;
+            RESATTN_LAUNCH(num_blocks(plan.items * kThreads), dim3(plan.tx, plan.ty), smem, stream,
+                           bn_relu_grad_sums_cl_kernel<scalar_t, index_t, VEC>)(
+                gp, xp, cp, part, static_cast<index_t>(cvs), static_cast<index_t>(N * HW),
+                static_cast<index_t>(plan.chunk), chunks, items);
+          } else {
+            const size_t smem = sizeof(GradSums<acc_t>) * kWarpsPerBlock;
+            RESATTN_LAUNCH(num_blocks(plan.items * kThreads), kThreads, smem, stream,
+                           bn_relu_grad_sums_nchw_kernel<scalar_t, index_t, VEC>)(
+                gp, xp, cp, part, static_cast<index_t>(C), static_cast<index_t>(HW / VEC),
+                static_cast<index_t>(N * HW / VEC), static_cast<index_t>(plan.chunk), chunks, items);
+          }
+          RESATTN_KERNEL_LAUNCH_CHECK();
+          rows = training ? at::empty({C * kBwdRow}, x.options().dtype(acc)) : coef;
+          RESATTN_LAUNCH(warp_per_channel_blocks(C), kThreads, 0, stream,
+                         bn_relu_grad_sums_finalize_kernel<scalar_t>)(
+              part, chunks, C, cp, inv_count, gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(),
+              training ? rows.data_ptr<acc_t>() : nullptr);
+          RESATTN_KERNEL_LAUNCH_CHECK();
+        } else {
+          rows_smem = eval_rows<scalar_t>(p, x, C, rows, stream);
+        }
+        const int64_t nvec = x.numel() / VEC;
+        const unsigned int blocks = num_blocks(nvec);
+        const int64_t inner = cl ? cvs : HW / VEC;
+        RESATTN_DISPATCH_CL(cl, [&] {
+          RESATTN_DISPATCH_TRAIN(training, [&] {
+            RESATTN_LAUNCH(blocks, kThreads, rows_smem, stream,
+                           bn_relu_backward_kernel<scalar_t, index_t, VEC, kCL, kTrain>)(
+                gp, xp, rp, gxp, p, rows.defined() ? rows.data_ptr<acc_t>() : nullptr,
+                static_cast<index_t>(C), static_cast<index_t>(inner),
+                grid_stride<index_t>(blocks, inner, C), nvec);
+            RESATTN_KERNEL_LAUNCH_CHECK();
+          });
+        });
+      });
+    });
+  });
+  return results();
+}
+
+void batch_norm_update_stats_cuda(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                  const at::Tensor& mean, const at::Tensor& var, double momentum,
+                                  int64_t count) {
+  check_batch_norm_update_args(running_mean, running_var, mean, var, count);
+  check_on_device(running_mean, "running_mean");
+  const DeviceGuard guard(running_mean.device());
+  const int64_t C = running_mean.size(0);
+  if (C == 0) return;
+  // In place: a strided running tensor is updated through a contiguous copy.
+  at::Tensor rm = running_mean.is_contiguous() ? running_mean : running_mean.contiguous();
+  at::Tensor rv = running_var.is_contiguous() ? running_var : running_var.contiguous();
+  const Stream stream = current_stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rm.scalar_type(), "batch_norm_update_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<at::Tensor> keep;
+    const ChannelVec<scalar_t> m = channel_vec<scalar_t>(mean, keep);
+    const ChannelVec<scalar_t> v = channel_vec<scalar_t>(var, keep);
+    RESATTN_LAUNCH(num_blocks(C), kThreads, 0, stream, bn_update_stats_kernel<scalar_t>)(
+        rm.data_ptr<scalar_t>(), rv.data_ptr<scalar_t>(), m, v, static_cast<acc_t>(momentum), count, C);
+    RESATTN_KERNEL_LAUNCH_CHECK();
+  });
+  if (!rm.is_same(running_mean)) running_mean.copy_(rm);
+  if (!rv.is_same(running_var)) running_var.copy_(rv);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace resattn
+
+TORCH_LIBRARY_IMPL(RESATTN_CUDA_NAMESPACE, RESATTN_CUDA_DISPATCH_KEY, m) {
+  m.impl("batch_norm_relu", &resattn::cuda::batch_norm_relu_cuda);
+  m.impl("batch_norm_relu_backward", &resattn::cuda::batch_norm_relu_backward_cuda);
+  m.impl("batch_norm_update_stats", &resattn::cuda::batch_norm_update_stats_cuda);
+}

@@ -30,7 +30,10 @@ class BackendUnavailableError(RuntimeError):
 def _dispatch_has(key: str) -> bool:
     if _ext.C is None:
         return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("resattn_fast::attention_residual", key)
+    # Every op's kernels come from the same build: one op stands for all (a build of an
+    # older source tree would lack batch_norm_relu, and then the backend is not usable).
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"resattn_fast::{op}", key)
+               for op in ("attention_residual", "batch_norm_relu"))
 
 
 @functools.cache

@@ -79,10 +79,11 @@ def _grads_with(module, x, g):
     return [out.detach(), x.grad] + [p.grad.clone() for p in module.parameters()]
 
 
-# The whole network runs on the compiled backends (cpu, and cuda under the emulation);
-# interpreted Triton would take minutes per step here, so its network-level check is the
-# module parity above and the GPU suite's networks (tests/test_gpu_kernels.py).
-NETWORK_BACKENDS = tuple(b for b in CPU_FUSED if b != "triton")
+# The whole network runs on the cpu backend here. Interpreted Triton and the emulated CUDA
+# kernels (an OS thread per CUDA thread) take minutes per training step of this network
+# on 2 cores, so on the CPU their network-level check is the module and unit parity
+# above; on a GPU test_gpu_model_parity_attention56_cifar runs the whole network on both.
+NETWORK_BACKENDS = ("cpu",)
 
 
 @pytest.mark.parametrize("backend", NETWORK_BACKENDS)

@@ -44,8 +44,8 @@ def bn_relu(bn: tnn.Module, x: torch.Tensor, *, identity: bool = False,
     # statistics are tracked; running statistics updated only when tracked.
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
-    if batch_stats and x.numel() > 0 and x.numel() // x.shape[1] <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    if batch_stats:
+        ops._check_batch_size(x)
     # The module's own tensors need no argument checks (the kernels' checks still run).
     return ops._batch_norm_relu(
         x, bn.running_mean if track else None, bn.running_var if track else None,

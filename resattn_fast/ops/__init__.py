@@ -210,6 +210,12 @@ class _BatchNormReLUIdentity(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+def _check_batch_size(x: torch.Tensor) -> None:
+    """Batch statistics need more than one value per channel (PyTorch's rule and words)."""
+    if x.numel() > 0 and x.numel() // x.shape[1] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+
+
 def _check_channel_vector(v: Optional[torch.Tensor], name: str, x: torch.Tensor) -> None:
     if v is None:
         return
@@ -271,8 +277,8 @@ def batch_norm_relu(
     if momentum is None or not isinstance(momentum, (int, float)):
         raise TypeError("resattn_fast: momentum must be a float (the exponential average factor of "
                         "this call); for momentum=None use resattn_fast.nn.bn_relu(module, x)")
-    if training and x.numel() > 0 and x.numel() // x.shape[1] <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.shape}")
+    if training:
+        _check_batch_size(x)
     return _batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum, eps,
                             identity, resolve_backend(backend, x.device))
 

@@ -20,7 +20,6 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import REQUIRED, require_backend
-from packaging.version import Version
 
 import resattn_fast
 from benchmarks.memory import LiveBytes
@@ -192,12 +191,9 @@ def test_selective_drops_every_bn_relu_output_a_convolution_saves(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    Version(torch.__version__.split("+")[0]) < Version("2.12"),
-    reason="torch 2.11's inductor asserts a stride mismatch on a fused op's output in this "
-           "compiled training step (known, open: the fake kernels' layout there needs a fix)")
 def test_modes_under_torch_compile():
-    """A small network compiled (inductor): each mode trains like the eager "none" twin."""
+    """A small network compiled (inductor) as one graph (fullgraph: full checkpointing's
+    blocks must not break it): each mode trains like the eager "none" twin."""
     backend = _fused_cpu_backend()
     torch._dynamo.reset()
 
@@ -207,7 +203,7 @@ def test_modes_under_torch_compile():
 
     models = _twins(make, {"none": "none", "compiled none": "none", "compiled selective": "selective",
                            "compiled full": "full"})
-    runs = {k: torch.compile(m) for k, m in models.items() if k != "none"}
+    runs = {k: torch.compile(m, fullgraph=True) for k, m in models.items() if k != "none"}
     _assert_same_training(models, _batches(2, 4, 16), runs=runs)
 
 

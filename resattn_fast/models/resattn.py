@@ -244,6 +244,12 @@ def selective_recompute_wanted(net: ResidualAttentionNet) -> bool:
 
 
 def _checkpointed(block: tnn.Module, x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        # Compiled, the running statistics are updated once by the forward graph and the
+        # backward's recomputation replays only what the gradients need, so _BNOnce (whose
+        # call counter dynamo cannot trace inside checkpoint: a graph break per block) is
+        # not wanted.
+        return checkpoint(block, x, use_reentrant=False)
     return checkpoint(_BNOnce(block), x, use_reentrant=False)
 
 

@@ -140,10 +140,21 @@ inline void check_batch_norm_relu_backward_args(const at::Tensor& grad, const at
   check_channel_vector(var, "var", x);
 }
 
-// batch_norm_update_stats(running_mean!, running_var!, mean, var, momentum, count).
+// batch_norm_update_stats(running_mean!, running_var!, mean, var, momentum, count,
+// num_batches_tracked!?).
 inline void check_batch_norm_update_args(const at::Tensor& running_mean, const at::Tensor& running_var,
                                          const at::Tensor& mean, const at::Tensor& var,
-                                         int64_t count) {
+                                         int64_t count,
+                                         const std::optional<at::Tensor>& num_batches_tracked) {
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    const at::Tensor& n = *num_batches_tracked;
+    TORCH_CHECK(n.scalar_type() == at::kLong && n.numel() == 1,
+                "resattn_fast: num_batches_tracked must hold one int64 value, got ", n.scalar_type(),
+                " of shape ", n.sizes());
+    TORCH_CHECK(n.device() == running_mean.device(),
+                "resattn_fast: num_batches_tracked must be on running_mean's device (",
+                running_mean.device(), "), got ", n.device());
+  }
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{running_mean, "running_mean"},
                                 {running_var, "running_var"}, {mean, "mean"}, {var, "var"}}) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == running_mean.size(0), "resattn_fast: ", name,

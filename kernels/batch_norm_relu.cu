@@ -35,7 +35,7 @@
 // Passes over x: training forward 2 (partials; normalise) + a tiny finalize; eval forward 1
 // (one launch); backward 2 in training or with weight_grads (sums; apply) and 1 in eval
 // without (one launch).
-// batch_norm_update_stats: one kernel for both running tensors.
+// batch_norm_update_stats: one kernel for both running tensors and num_batches_tracked.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -671,8 +671,11 @@ __global__ void __launch_bounds__(kThreads) bn_relu_backward_kernel(
 template <typename run_t>
 __global__ void __launch_bounds__(kThreads) bn_update_stats_kernel(
     run_t* __restrict__ running_mean, run_t* __restrict__ running_var, ChannelVec<run_t> mean,
-    ChannelVec<run_t> var, at::opmath_type<run_t> momentum, int64_t count, int64_t C) {
+    ChannelVec<run_t> var, at::opmath_type<run_t> momentum, int64_t count, int64_t C,
+    int64_t* __restrict__ num_batches_tracked) {
   using acc_t = at::opmath_type<run_t>;
+  // nn.BatchNorm2d's `num_batches_tracked += 1`, folded into this launch: one thread.
+  if (num_batches_tracked != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *num_batches_tracked += 1;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < C; c += stride) {
     acc_t rm = static_cast<acc_t>(running_mean[c]);
@@ -1014,12 +1017,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
 
 void batch_norm_update_stats_cuda(const at::Tensor& running_mean, const at::Tensor& running_var,
                                   const at::Tensor& mean, const at::Tensor& var, double momentum,
-                                  int64_t count) {
-  check_batch_norm_update_args(running_mean, running_var, mean, var, count);
+                                  int64_t count, const std::optional<at::Tensor>& num_batches_tracked) {
+  check_batch_norm_update_args(running_mean, running_var, mean, var, count, num_batches_tracked);
   check_on_device(running_mean, "running_mean");
   const DeviceGuard guard(running_mean.device());
   const int64_t C = running_mean.size(0);
-  if (C == 0) return;
+  int64_t* nbt = num_batches_tracked.has_value() && num_batches_tracked->defined()
+                     ? num_batches_tracked->data_ptr<int64_t>() : nullptr;
+  if (C == 0 && nbt == nullptr) return;
   // In place: a strided running tensor is updated through a contiguous copy.
   at::Tensor rm = running_mean.is_contiguous() ? running_mean : running_mean.contiguous();
   at::Tensor rv = running_var.is_contiguous() ? running_var : running_var.contiguous();
@@ -1030,7 +1035,7 @@ void batch_norm_update_stats_cuda(const at::Tensor& running_mean, const at::Tens
     const ChannelVec<scalar_t> m = channel_vec<scalar_t>(mean, keep);
     const ChannelVec<scalar_t> v = channel_vec<scalar_t>(var, keep);
     RESATTN_LAUNCH(num_blocks(C), kThreads, 0, stream, bn_update_stats_kernel<scalar_t>)(
-        rm.data_ptr<scalar_t>(), rv.data_ptr<scalar_t>(), m, v, static_cast<acc_t>(momentum), count, C);
+        rm.data_ptr<scalar_t>(), rv.data_ptr<scalar_t>(), m, v, static_cast<acc_t>(momentum), count, C, nbt);
     RESATTN_KERNEL_LAUNCH_CHECK();
   });
   if (!rm.is_same(running_mean)) running_mean.copy_(rm);

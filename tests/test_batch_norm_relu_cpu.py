@@ -245,6 +245,22 @@ def test_update_stats(dtype):
     torch.testing.assert_close(rv_t.double(), exp_v, atol=tol, rtol=tol)
 
 
+def test_update_stats_counts_batches():
+    """num_batches_tracked, when given, gains one in the same call; the statistics are
+    updated as without it; a wrong counter is refused by name."""
+    rm, rv, mean, var = torch.zeros(3), torch.ones(3), torch.full((3,), 2.0), torch.full((3,), 4.0)
+    n = torch.tensor(41)
+    OPS.batch_norm_update_stats(rm, rv, mean, var, 0.5, 5, n)
+    assert n.dtype == torch.int64 and n.item() == 42
+    torch.testing.assert_close(rm, torch.full((3,), 1.0), atol=0, rtol=0)
+    torch.testing.assert_close(rv, torch.full((3,), 0.5 + 0.5 * 4.0 * 5 / 4), atol=0, rtol=0)
+    empty = torch.empty(0)
+    OPS.batch_norm_update_stats(empty, empty, empty, empty, 0.5, 5, n)  # no channels: still counted
+    assert n.item() == 43
+    with pytest.raises(RuntimeError, match="num_batches_tracked must hold one int64 value"):
+        OPS.batch_norm_update_stats(rm, rv, mean, var, 0.5, 5, torch.tensor(1.0))
+
+
 def _opcheck(op, args):
     """opcheck with every test when the op has a fake kernel (resattn_fast.ops registers
     them), else the schema test alone."""
@@ -285,3 +301,5 @@ def test_opcheck_backward():
 def test_opcheck_update_stats():
     _, _, _, rm, rv = _sample_args()
     _opcheck(OPS.batch_norm_update_stats.default, (rm, rv, torch.randn(6), torch.rand(6), 0.1, 48))
+    _opcheck(OPS.batch_norm_update_stats.default,
+             (rm, rv, torch.randn(6), torch.rand(6), 0.1, 48, torch.tensor(3)))

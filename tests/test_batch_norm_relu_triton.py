@@ -330,6 +330,23 @@ def test_update_stats(bnr, dtype):
     torch.testing.assert_close(rv, want_v, **tol)
 
 
+def test_update_stats_counts_batches(bnr):
+    """num_batches_tracked gains one inside the same launch (program 0), with no channels
+    too; a float counter is refused by name."""
+    rm, rv = torch.zeros(300, device=DEVICE), torch.ones(300, device=DEVICE)  # > one program
+    mean, var = torch.full((300,), 2.0, device=DEVICE), torch.full((300,), 4.0, device=DEVICE)
+    n = torch.tensor(41, device=DEVICE)
+    _ops().batch_norm_update_stats_triton(rm, rv, mean, var, 0.5, 5, n)
+    assert n.item() == 42
+    torch.testing.assert_close(rm, torch.full_like(rm, 1.0), atol=0, rtol=0)
+    torch.testing.assert_close(rv, torch.full_like(rv, 0.5 + 0.5 * 4.0 * 5 / 4), atol=0, rtol=0)
+    empty = torch.empty(0, device=DEVICE)
+    _ops().batch_norm_update_stats_triton(empty, empty, empty, empty, 0.5, 5, n)
+    assert n.item() == 43
+    with pytest.raises(RuntimeError, match="num_batches_tracked must hold one int64 value"):
+        _ops().batch_norm_update_stats_triton(rm, rv, mean, var, 0.5, 5, torch.tensor(1.0, device=DEVICE))
+
+
 def test_update_stats_matches_batch_norm(bnr):
     """One training step of F.batch_norm updates the running statistics as the forward's
     (mean, var) + batch_norm_update_stats do, strided running tensors included."""
@@ -362,6 +379,9 @@ def test_opcheck(bnr):
                               (g, xi, None, None, mean, var, False, EPS, None, False))
     torch.library.opcheck(_ops().batch_norm_update_stats_triton.default,
                           (rm.clone(), rv.clone(), rm + 1, rv + 1, 0.1, 10))
+    torch.library.opcheck(_ops().batch_norm_update_stats_triton.default,
+                          (rm.clone(), rv.clone(), rm + 1, rv + 1, 0.1, 10,
+                           torch.tensor(2, device=DEVICE)))
     leaf = [t.clone().requires_grad_(True) for t in (x, w, b)]
     torch.library.opcheck(_ops().batch_norm_relu_triton.default,
                           (*leaf, rm, rv, True, EPS))

@@ -393,6 +393,22 @@ def test_update_stats_one_launch(dtype):
     assert [k.split("<")[0] for k in kernels()] == ["bn_update_stats_kernel"]
 
 
+def test_update_stats_counts_batches_in_the_same_launch():
+    """num_batches_tracked gains one from one thread of the update kernel (several blocks),
+    and with no channels too: still one launch."""
+    rm, rv = torch.zeros(1000), torch.ones(1000)
+    n = torch.tensor(41)
+    ns().batch_norm_update_stats(rm, rv, torch.full((1000,), 2.0), torch.full((1000,), 4.0), 0.5, 5, n)
+    assert n.item() == 42
+    torch.testing.assert_close(rm, torch.full((1000,), 1.0), atol=0, rtol=0)
+    assert [k.split("<")[0] for k in kernels()] == ["bn_update_stats_kernel"]
+    _ext.EMULATED.clear_launches()
+    empty = torch.empty(0)
+    ns().batch_norm_update_stats(empty, empty, empty, empty, 0.5, 5, n)
+    assert n.item() == 43
+    assert [k.split("<")[0] for k in kernels()] == ["bn_update_stats_kernel"]
+
+
 def test_update_stats_strided_running_tensors():
     base_m, base_v = torch.zeros(10), torch.ones(10)
     rm, rv = base_m[::2], base_v[::2]

@@ -171,7 +171,7 @@ def _standin_ops() -> Dict[str, object]:
                    "Tensor var, bool training, float eps, Tensor? grad_residual, bool weight_grads) "
                    "-> (Tensor, Tensor, Tensor)")
         lib.define("batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
-                   "Tensor var, float momentum, int count) -> ()")
+                   "Tensor var, float momentum, int count, Tensor(c!)? num_batches_tracked=None) -> ()")
 
         def fwd(x, weight, bias, running_mean, running_var, training, eps):  # type: ignore[no-untyped-def]
             c = x.shape[1]
@@ -181,7 +181,7 @@ def _standin_ops() -> Dict[str, object]:
             c = x.shape[1] if weight_grads else 0
             return torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
 
-        def upd(running_mean, running_var, mean, var, momentum, count):  # type: ignore[no-untyped-def]
+        def upd(running_mean, running_var, mean, var, momentum, count, num_batches_tracked=None):  # type: ignore[no-untyped-def]
             return None
 
         for name, fn in (("batch_norm_relu", fwd), ("batch_norm_relu_backward", bwd),
@@ -201,11 +201,12 @@ def test_fused_batch_norm_relu_counted_by_hand(training: bool) -> None:
     with FakeTensorMode():
         x = torch.randn(n, c, hw, hw, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
         w, b, rm, rv = torch.ones(c), torch.zeros(c), torch.zeros(c), torch.ones(c)
+        nbt = torch.tensor(0)
         tracer = Tracer(fused_namespaces=(_NS,))
         with tracer:
             y, mean, var = ops.batch_norm_relu(x, w, b, rm, rv, training, 1e-5)
             if training:
-                ops.batch_norm_update_stats(rm, rv, mean, var, 0.1, n * hw * hw)
+                ops.batch_norm_update_stats(rm, rv, mean, var, 0.1, n * hw * hw, nbt)
             tracer.phase = "backward"
             g = torch.empty_like(y)
             ops.batch_norm_relu_backward(g, x, w, b, mean, var, training, 1e-5, None, training)
@@ -217,8 +218,8 @@ def test_fused_batch_norm_relu_counted_by_hand(training: bool) -> None:
             # forward: statistics (reads x), then normalise+ReLU (reads x, writes out): two kernels
             ("batch_norm_relu (stats)", "forward", X, 2 * P, 1),
             ("batch_norm_relu (apply)", "forward", X + 4 * P, X, 1),
-            # the running update: one small kernel, in place
-            ("batch_norm_update_stats", "forward", 4 * P, 2 * P, 1),
+            # the running update and num_batches_tracked += 1: one small kernel, in place
+            ("batch_norm_update_stats", "forward", 4 * P + 8, 2 * P + 8, 1),
             # backward: the reduction (reads grad and x), then apply (reads grad, x; writes grad_x)
             ("batch_norm_relu_backward (reduce)", "backward", 2 * X + 4 * P, 2 * P, 1),
             ("batch_norm_relu_backward (apply)", "backward", 2 * X + 6 * P, X, 1),
@@ -419,6 +420,10 @@ def test_the_fast_step_runs_the_fused_ops_and_the_reference_step_does_not(cifar_
     assert sum(r.flops for r in f_recs) == sum(r.flops for r in r_recs) > 0
     assert sum(r.bytes for r in f_recs) < sum(r.bytes for r in r_recs)
     assert fast.activation_bytes < ref.activation_bytes  # type: ignore[attr-defined]
+    # num_batches_tracked += 1 runs inside batch_norm_update_stats: no kernel of its own.
+    def counter_adds(recs: list) -> int:
+        return sum(1 for r in recs if r.op.startswith("aten.add_") and r.dtype == "torch.int64")
+    assert counter_adds(f_recs) == 0 < counter_adds(r_recs)
     phases = {r.phase for r in f_recs}
     assert phases == {"forward", "backward", "optimizer"}
     assert all(r.cls == "optimizer" for r in f_recs if r.phase == "optimizer")

@@ -186,12 +186,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cpu(
 }
 
 // running = (1 - momentum) * running + momentum * batch (unbiased variance), in place,
-// in the accumulation dtype of the running tensors.
+// in the accumulation dtype of the running tensors; num_batches_tracked += 1 when given.
 void batch_norm_update_stats_cpu(const at::Tensor& running_mean, const at::Tensor& running_var,
                                  const at::Tensor& mean, const at::Tensor& var, double momentum,
-                                 int64_t count) {
-  check_batch_norm_update_args(running_mean, running_var, mean, var, count);
+                                 int64_t count, const std::optional<at::Tensor>& num_batches_tracked) {
+  check_batch_norm_update_args(running_mean, running_var, mean, var, count, num_batches_tracked);
   check_cpu(running_mean, "running_mean");
+  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+    *num_batches_tracked->data_ptr<int64_t>() += 1;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(),
                                   "batch_norm_update_stats", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -37,9 +37,11 @@ def bn_relu(bn: tnn.Module, x: torch.Tensor, *, identity: bool = False,
         return (out, x) if identity else out
     bn._check_input_dim(x)
     factor = 0.0 if bn.momentum is None else bn.momentum
+    tracked = None
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        # num_batches_tracked += 1 happens in the op's running-statistics update (one launch).
+        tracked = bn.num_batches_tracked
+        factor = 1.0 / (float(tracked) + 1.0) if bn.momentum is None else bn.momentum
     # nn.BatchNorm2d's rules: batch statistics in training, and in eval when no running
     # statistics are tracked; running statistics updated only when tracked.
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
@@ -50,4 +52,4 @@ def bn_relu(bn: tnn.Module, x: torch.Tensor, *, identity: bool = False,
     return ops._batch_norm_relu(
         x, bn.running_mean if track else None, bn.running_var if track else None,
         bn.weight, bn.bias, bool(batch_stats), float(factor), float(bn.eps), identity,
-        ops.resolve_backend(backend, x.device))
+        ops.resolve_backend(backend, x.device), tracked)

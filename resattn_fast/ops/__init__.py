@@ -286,11 +286,15 @@ def batch_norm_relu(
 def _batch_norm_relu(x: torch.Tensor, running_mean: Optional[torch.Tensor],
                      running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                      bias: Optional[torch.Tensor], training: bool, momentum: float, eps: float,
-                     identity: bool, chosen: str) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+                     identity: bool, chosen: str, num_batches_tracked: Optional[torch.Tensor] = None,
+                     ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """batch_norm_relu on backend ``chosen`` without the argument checks: for callers whose
     arguments are a BatchNorm2d's own (resattn_fast.nn.bn_relu; the op's C++/Triton checks
-    still run)."""
+    still run). ``num_batches_tracked``, when given, is incremented once (inside the
+    running-statistics update when there is one)."""
     if chosen == "reference":
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
         return _ref.batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum,
                                     eps, identity=identity)
     ops3 = _bn_ops(chosen, x.device)
@@ -303,7 +307,9 @@ def _batch_norm_relu(x: torch.Tensor, running_mean: Optional[torch.Tensor],
         ident = x
     if training and running_mean is not None and momentum != 0 and x.numel() > 0:
         ops3[2](running_mean, running_var, mean.detach(), var.detach(), float(momentum),
-                x.numel() // x.shape[1])
+                x.numel() // x.shape[1], num_batches_tracked)
+    elif num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     if _recompute.active():
         forward = ops3[0]
         x_, w_, b_, m_, v_ = x.detach(), weight, bias, mean.detach(), var.detach()

@@ -249,8 +249,8 @@ def _batch_norm_passes(name: str, a: Dict[str, Any], out: Any, fused: bool) -> O
                 return [("(reduce)", _ts(a["grad"], a["x"]) + params, _ts(gw, gb), 1),
                         ("(apply)", apply_reads + _ts(gw, gb), _ts(gx), 1)]
             return [("", apply_reads, _ts(gx), 1)]
-        if base == "batch_norm_update_stats":
-            running = _ts(a["running_mean"], a["running_var"])
+        if base == "batch_norm_update_stats":  # num_batches_tracked += 1 in the same kernel
+            running = _ts(a["running_mean"], a["running_var"], a.get("num_batches_tracked"))
             return [("", running + _ts(a["mean"], a["var"]), running, 1)]
         return None
     if name in _EAGER_BN_FORWARD:

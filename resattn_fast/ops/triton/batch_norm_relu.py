@@ -494,11 +494,15 @@ def _bn_relu_bwd_kernel(
 @triton.autotune(configs=_CHANNEL_CONFIGS, key=[])
 @triton.jit(do_not_specialize=["momentum64"])
 def _bn_update_stats_kernel(
-    rm_ptr, rv_ptr, mean_ptr, var_ptr, C, count, momentum32, momentum64,
-    IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
+    rm_ptr, rv_ptr, mean_ptr, var_ptr, nbt_ptr, C, count, momentum32, momentum64,
+    IS_FP64: tl.constexpr, HAS_NBT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """running = (1 - momentum) * running + momentum * batch, the unbiased variance
-    var * count / (count - 1) into running_var (bn_update_running), in place."""
+    var * count / (count - 1) into running_var (bn_update_running), in place; with
+    HAS_NBT, program 0 also adds one to num_batches_tracked (int64)."""
+    if HAS_NBT:
+        if tl.program_id(0) == 0:
+            tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cmask = cs < C
     momentum = _scalar_arg(momentum32, momentum64, IS_FP64)
@@ -607,8 +611,16 @@ def _check_backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var
 
 
 def _check_update(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                  var: torch.Tensor, count: int) -> None:
+                  var: torch.Tensor, count: int, num_batches_tracked: Optional[torch.Tensor]) -> None:
     """check_batch_norm_update_args of csrc/checks.h."""
+    if num_batches_tracked is not None:
+        n = num_batches_tracked
+        if n.dtype != torch.int64 or n.numel() != 1:
+            raise RuntimeError(f"resattn_fast: num_batches_tracked must hold one int64 value, got "
+                               f"{_dt(n.dtype)} of shape {_sz(n)}")
+        if n.device != running_mean.device:
+            raise RuntimeError(f"resattn_fast: num_batches_tracked must be on running_mean's device "
+                               f"({running_mean.device}), got {n.device}")
     C = running_mean.shape[0] if running_mean.dim() >= 1 else 0
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var"),
                     (mean, "mean"), (var, "var")):
@@ -859,29 +871,34 @@ def batch_norm_relu_backward_triton(
 
 def _update_kwargs() -> Dict[str, Any]:
     kwargs = triton_op_kwargs("(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
-                              "Tensor var, float momentum, int count) -> ()")
-    kwargs["mutates_args"] = ("running_mean", "running_var")
+                              "Tensor var, float momentum, int count, "
+                              "Tensor(c!)? num_batches_tracked=None) -> ()")
+    kwargs["mutates_args"] = ("running_mean", "running_var", "num_batches_tracked")
     return kwargs
 
 
 @torch.library.triton_op("resattn_fast::batch_norm_update_stats_triton", **_update_kwargs())
 def batch_norm_update_stats_triton(running_mean: torch.Tensor, running_var: torch.Tensor,
                                    mean: torch.Tensor, var: torch.Tensor, momentum: float,
-                                   count: int) -> None:
+                                   count: int, num_batches_tracked: Optional[torch.Tensor] = None) -> None:
     """In place: running = (1 - momentum) * running + momentum * batch, with the unbiased
-    variance var * count / (count - 1) into running_var; one launch for both, math in
-    float32 (float64 for float64 running statistics). running_mean, running_var, mean,
-    var: (C,) on one device; count: the values per channel (N*H*W), > 1."""
-    _check_update(running_mean, running_var, mean, var, count)
+    variance var * count / (count - 1) into running_var, and num_batches_tracked += 1 when
+    given; one launch for all, math in float32 (float64 for float64 running statistics).
+    running_mean, running_var, mean, var: (C,) on one device; count: the values per
+    channel (N*H*W), > 1; num_batches_tracked: one int64 value."""
+    _check_update(running_mean, running_var, mean, var, count, num_batches_tracked)
     C = running_mean.shape[0]
-    if C == 0:
+    has_nbt = num_batches_tracked is not None
+    if C == 0 and not has_nbt:
         return
     # Strided running statistics are updated through contiguous copies, copied back.
     rm, rv = _vec(running_mean), _vec(running_var)
     with device_guard(running_mean):
-        _kernel(_bn_update_stats_kernel, running_mean)[_channel_grid(C)](
-            rm, rv, _vec(mean), _vec(var), C, int(count), float(momentum),
-            _bits(momentum), IS_FP64=running_mean.dtype == torch.float64,
+        # One program at least: num_batches_tracked counts a call with no channels too.
+        _kernel(_bn_update_stats_kernel, running_mean)[_channel_grid(max(C, 1))](
+            rm, rv, _vec(mean), _vec(var), num_batches_tracked if has_nbt else rm, C, int(count),
+            float(momentum), _bits(momentum), IS_FP64=running_mean.dtype == torch.float64,
+            HAS_NBT=has_nbt,
         )
     if rm is not running_mean:
         running_mean.copy_(rm)
@@ -916,9 +933,9 @@ def batch_norm_relu_backward(grad: torch.Tensor, x: torch.Tensor, weight: Option
 
 def batch_norm_update_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
                             mean: torch.Tensor, var: torch.Tensor, momentum: float,
-                            count: int) -> None:
+                            count: int, num_batches_tracked: Optional[torch.Tensor] = None) -> None:
     """The in-place running-statistics update on the Triton kernel; see
     batch_norm_update_stats_triton."""
     batch_norm_update_stats_triton(running_mean, running_var, mean, var, float(momentum),
-                                   int(count))
+                                   int(count), num_batches_tracked)
 

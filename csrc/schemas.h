@@ -37,11 +37,12 @@ inline void define_schemas(torch::Library& m) {
       "bool weight_grads) -> (Tensor, Tensor, Tensor)");
   // running = (1 - momentum) * running + momentum * batch, with the unbiased variance
   // (var * count / (count - 1)) into running_var, and num_batches_tracked (int64, one
-  // value), when given, incremented by one: one launch for all three (nn.BatchNorm2d's
-  // separate `num_batches_tracked += 1` is folded in).
+  // value), when not None, incremented by one: one launch for all three (nn.BatchNorm2d's
+  // separate `num_batches_tracked += 1` is folded in). No default for it: torch 2.11's
+  // custom-op autograd layer indexes every mutable argument positionally.
   m.def(
       "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
-      "Tensor var, float momentum, int count, Tensor(c!)? num_batches_tracked=None) -> ()");
+      "Tensor var, float momentum, int count, Tensor(c!)? num_batches_tracked) -> ()");
 }
 
 }  // namespace resattn

@@ -237,7 +237,7 @@ def test_update_stats(dtype):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     mean, var = torch.randn(c, dtype=acc), torch.rand(c, dtype=acc) + 0.1
     rm_t, rv_t = rm.to(dtype).clone(), rv.to(dtype).clone()
-    OPS.batch_norm_update_stats(rm_t, rv_t, mean, var, 0.1, count)
+    OPS.batch_norm_update_stats(rm_t, rv_t, mean, var, 0.1, count, None)
     exp_m = 0.9 * rm.to(dtype).double() + 0.1 * mean.double()
     exp_v = 0.9 * rv.to(dtype).double() + 0.1 * var.double() * count / (count - 1)
     tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
@@ -300,6 +300,6 @@ def test_opcheck_backward():
 
 def test_opcheck_update_stats():
     _, _, _, rm, rv = _sample_args()
-    _opcheck(OPS.batch_norm_update_stats.default, (rm, rv, torch.randn(6), torch.rand(6), 0.1, 48))
+    _opcheck(OPS.batch_norm_update_stats.default, (rm, rv, torch.randn(6), torch.rand(6), 0.1, 48, None))
     _opcheck(OPS.batch_norm_update_stats.default,
              (rm, rv, torch.randn(6), torch.rand(6), 0.1, 48, torch.tensor(3)))

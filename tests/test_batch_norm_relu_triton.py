@@ -323,7 +323,7 @@ def test_update_stats(bnr, dtype):
     want_m = (momentum * mean.to(acc) + (1 - momentum) * rm.to(acc)).to(dtype)
     want_v = (momentum * var.to(acc) * count / (count - 1) + (1 - momentum) * rv.to(acc)).to(dtype)
     ptrs = (rm.data_ptr(), rv.data_ptr())
-    _ops().batch_norm_update_stats_triton(rm, rv, mean, var, momentum, count)
+    _ops().batch_norm_update_stats_triton(rm, rv, mean, var, momentum, count, None)
     assert (rm.data_ptr(), rv.data_ptr()) == ptrs
     tol = {"atol": 1e-12, "rtol": 1e-12} if dtype == torch.float64 else {}
     torch.testing.assert_close(rm, want_m, **tol)
@@ -355,7 +355,7 @@ def test_update_stats_matches_batch_norm(bnr):
     rm_ref, rv_ref = rm.clone(), rv.clone()
     F.batch_norm(x, rm_ref, rv_ref, None, None, True, 0.3, EPS)
     _, mean, var = _ops().batch_norm_relu_triton(x, None, None, rm, rv, True, EPS)
-    _ops().batch_norm_update_stats_triton(rm, rv, mean, var, 0.3, 3 * 5 * 6)
+    _ops().batch_norm_update_stats_triton(rm, rv, mean, var, 0.3, 3 * 5 * 6, None)
     torch.testing.assert_close(rm, rm_ref)
     torch.testing.assert_close(rv, rv_ref)
 
@@ -378,7 +378,7 @@ def test_opcheck(bnr):
         torch.library.opcheck(_ops().batch_norm_relu_backward_triton.default,
                               (g, xi, None, None, mean, var, False, EPS, None, False))
     torch.library.opcheck(_ops().batch_norm_update_stats_triton.default,
-                          (rm.clone(), rv.clone(), rm + 1, rv + 1, 0.1, 10))
+                          (rm.clone(), rv.clone(), rm + 1, rv + 1, 0.1, 10, None))
     torch.library.opcheck(_ops().batch_norm_update_stats_triton.default,
                           (rm.clone(), rv.clone(), rm + 1, rv + 1, 0.1, 10,
                            torch.tensor(2, device=DEVICE)))
@@ -463,8 +463,8 @@ def test_backward_errors(bnr, case):
 def test_update_stats_errors(bnr):
     rm, rv = torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)
     with pytest.raises(RuntimeError, match=r"count must be > 1 \(values per channel\), got 1"):
-        _ops().batch_norm_update_stats_triton(rm, rv, rm, rv, 0.1, 1)
+        _ops().batch_norm_update_stats_triton(rm, rv, rm, rv, 0.1, 1, None)
     with pytest.raises(RuntimeError, match=r"var must be a 1-D tensor of 3 values, got shape \[2\]"):
-        _ops().batch_norm_update_stats_triton(rm, rv, rm, rv[:2], 0.1, 4)
+        _ops().batch_norm_update_stats_triton(rm, rv, rm, rv[:2], 0.1, 4, None)
     with pytest.raises(RuntimeError, match="running_mean and running_var must have the same dtype, got Float and Double"):
-        _ops().batch_norm_update_stats_triton(rm, rv.double(), rm, rv, 0.1, 4)
+        _ops().batch_norm_update_stats_triton(rm, rv.double(), rm, rv, 0.1, 4, None)

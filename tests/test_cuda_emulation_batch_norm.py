@@ -386,7 +386,7 @@ def test_update_stats_one_launch(dtype):
     mean, var = torch.randn(7, generator=gen).to(acc), torch.rand(7, generator=gen).to(acc)
     want_m = 0.9 * rm.double() + 0.1 * mean.double()
     want_v = 0.9 * rv.double() + 0.1 * var.double() * 50 / 49
-    ns().batch_norm_update_stats(rm, rv, mean, var, 0.1, 50)
+    ns().batch_norm_update_stats(rm, rv, mean, var, 0.1, 50, None)
     tol = _tol(dtype)
     torch.testing.assert_close(rm.double(), want_m, **tol)
     torch.testing.assert_close(rv.double(), want_v, **tol)
@@ -412,7 +412,7 @@ def test_update_stats_counts_batches_in_the_same_launch():
 def test_update_stats_strided_running_tensors():
     base_m, base_v = torch.zeros(10), torch.ones(10)
     rm, rv = base_m[::2], base_v[::2]
-    ns().batch_norm_update_stats(rm, rv, torch.ones(5), torch.ones(5), 0.5, 3)
+    ns().batch_norm_update_stats(rm, rv, torch.ones(5), torch.ones(5), 0.5, 3, None)
     assert torch.equal(base_m[::2], torch.full((5,), 0.5)) and torch.equal(base_m[1::2], torch.zeros(5))
     torch.testing.assert_close(base_v[::2], torch.full((5,), 0.5 + 0.5 * 1.5))
 

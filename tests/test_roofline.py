@@ -171,7 +171,7 @@ def _standin_ops() -> Dict[str, object]:
                    "Tensor var, bool training, float eps, Tensor? grad_residual, bool weight_grads) "
                    "-> (Tensor, Tensor, Tensor)")
         lib.define("batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
-                   "Tensor var, float momentum, int count, Tensor(c!)? num_batches_tracked=None) -> ()")
+                   "Tensor var, float momentum, int count, Tensor(c!)? num_batches_tracked) -> ()")
 
         def fwd(x, weight, bias, running_mean, running_var, training, eps):  # type: ignore[no-untyped-def]
             c = x.shape[1]
@@ -181,7 +181,7 @@ def _standin_ops() -> Dict[str, object]:
             c = x.shape[1] if weight_grads else 0
             return torch.empty_like(x), x.new_empty(c, dtype=torch.float32), x.new_empty(c, dtype=torch.float32)
 
-        def upd(running_mean, running_var, mean, var, momentum, count, num_batches_tracked=None):  # type: ignore[no-untyped-def]
+        def upd(running_mean, running_var, mean, var, momentum, count, num_batches_tracked):  # type: ignore[no-untyped-def]
             return None
 
         for name, fn in (("batch_norm_relu", fwd), ("batch_norm_relu_backward", bwd),

@@ -872,7 +872,7 @@ def batch_norm_relu_backward_triton(
 def _update_kwargs() -> Dict[str, Any]:
     kwargs = triton_op_kwargs("(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
                               "Tensor var, float momentum, int count, "
-                              "Tensor(c!)? num_batches_tracked=None) -> ()")
+                              "Tensor(c!)? num_batches_tracked) -> ()")
     kwargs["mutates_args"] = ("running_mean", "running_var", "num_batches_tracked")
     return kwargs
 
@@ -880,7 +880,7 @@ def _update_kwargs() -> Dict[str, Any]:
 @torch.library.triton_op("resattn_fast::batch_norm_update_stats_triton", **_update_kwargs())
 def batch_norm_update_stats_triton(running_mean: torch.Tensor, running_var: torch.Tensor,
                                    mean: torch.Tensor, var: torch.Tensor, momentum: float,
-                                   count: int, num_batches_tracked: Optional[torch.Tensor] = None) -> None:
+                                   count: int, num_batches_tracked: Optional[torch.Tensor]) -> None:
     """In place: running = (1 - momentum) * running + momentum * batch, with the unbiased
     variance var * count / (count - 1) into running_var, and num_batches_tracked += 1 when
     given; one launch for all, math in float32 (float64 for float64 running statistics).

@@ -342,7 +342,8 @@ def test_opcheck(backend):
         torch.library.opcheck(bwd, (torch.randn_like(xx), xx, w, b, mean, var, False, EPS,
                                     torch.randn_like(xx), False))
     _, mean, var = fwd(x, w, b, None, None, True, EPS)
-    torch.library.opcheck(upd, (rm.clone(), rv.clone(), mean, var, 0.1, x.numel() // 3))
+    torch.library.opcheck(upd, (rm.clone(), rv.clone(), mean, var, 0.1, x.numel() // 3, None))
+    torch.library.opcheck(upd, (rm.clone(), rv.clone(), mean, var, 0.1, x.numel() // 3, torch.tensor(4)))
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)
@@ -412,7 +413,8 @@ def test_gpu_opcheck_and_compile(backend):
     torch.library.opcheck(fwd, (x, w, b, None, None, True, EPS))
     _, mean, var = fwd(x, w, b, None, None, True, EPS)
     torch.library.opcheck(bwd, (torch.randn_like(x), x, w, b, mean, var, True, EPS, torch.randn_like(x), True))
-    torch.library.opcheck(upd, (torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"), mean, var, 0.1, 40))
+    torch.library.opcheck(upd, (torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"), mean, var, 0.1, 40,
+                                torch.tensor(2, device="cuda")))
     torch._dynamo.reset()
 
     def fn(x, rm, rv):

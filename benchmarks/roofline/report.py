@@ -408,7 +408,8 @@ def write_roofline(run: RooflineRun, out_dir: str) -> Dict[str, str]:
               "class `fused BN-ReLU`): training forward = statistics (reads x) then normalise+ReLU (reads x, "
               "writes out); eval one kernel; backward = reduction (reads grad and x) then apply (reads grad, x "
               "and, where the unit's input feeds the identity shortcut, its gradient; writes grad_x); "
-              "`batch_norm_update_stats` one small kernel.",
+              "`batch_norm_update_stats` one small kernel (the running statistics and the module's "
+              "`num_batches_tracked += 1`, which eager runs as a kernel of its own).",
               "- Not modelled: caches (L2 reuse between kernels, e.g. a statistics pass and the elementwise "
               "pass that follows it on a tensor that fits in L2), cuDNN's algorithm choices, the CPU side "
               "of eager dispatch, PyTorch's CUDA upsample backward zero-filling grad_x and scattering with "

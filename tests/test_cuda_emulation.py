@@ -14,39 +14,14 @@ import os
 import re
 import subprocess
 import sys
-from contextlib import contextmanager
-from typing import Iterator, List
 
 import pytest
 import torch
+from _emulation import emulated, kernels, options  # noqa: F401 (emulated: an autouse fixture)
 from _tolerance import assert_matches
-from conftest import require_backend
 
 from resattn_fast import _ext, ops
 from resattn_fast.reference import ops as ref
-
-
-@pytest.fixture(autouse=True)
-def emulated():
-    require_backend("cuda", "cpu")
-    _ext.EMULATED.clear_launches()
-    yield _ext.EMULATED
-
-
-@contextmanager
-def options(**kw) -> Iterator[None]:
-    emu = _ext.EMULATED
-    before = emu.get_options()
-    emu.set_options(kw)
-    try:
-        yield
-    finally:
-        emu.set_options(before)
-
-
-def kernels() -> List[str]:
-    """The kernels launched since the last clear, in order."""
-    return [launch["kernel"] for launch in _ext.EMULATED.launches()]
 
 
 def _offset(t: torch.Tensor, elements: int = 1, memory_format=torch.contiguous_format) -> torch.Tensor:

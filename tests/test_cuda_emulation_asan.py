@@ -10,18 +10,15 @@ Needs the module built with RESATTN_BUILD_CUDA_EMULATION=1 RESATTN_BUILD_CUDA_EM
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 from typing import Dict
 
 import pytest
+from _sanitizer import ROOT, child_env
+from _sanitizer import python as _python
 
-ROOT = Path(__file__).resolve().parents[1]
 # The backend-"cuda" cases of every per-op battery, plus the emulation's own tests.
 BATTERIES = ["tests/test_upsample_bilinear_add.py", "tests/test_attention_residual.py",
              "tests/test_batch_norm_relu.py", "tests/test_cuda_emulation_batch_norm.py",
@@ -31,46 +28,14 @@ BATTERIES = ["tests/test_upsample_bilinear_add.py", "tests/test_attention_residu
 SELECT = "cuda and not model_parity and not model_float32"
 
 
-def _runtime(name: str) -> str:
-    """The path of a compiler runtime library (e.g. libasan.so), or "" if not found."""
-    for cc in ("g++", "gcc", "c++", "cc"):
-        if shutil.which(cc):
-            path = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True,
-                                  text=True).stdout.strip()
-            if os.path.isabs(path) and os.path.exists(path):
-                return path
-    return ""
-
-
 def _asan_env() -> Dict[str, str]:
-    why = None
-    if importlib.util.find_spec("resattn_fast._C_cuda_emulated_asan") is None:
-        why = ("the AddressSanitizer build of the emulated CUDA kernels is missing (build with "
-               "RESATTN_BUILD_CUDA_EMULATION=1 RESATTN_BUILD_CUDA_EMULATION_ASAN=1)")
-    elif not _runtime("libasan.so") or not _runtime("libstdc++.so"):
-        why = "libasan.so or libstdc++.so was not found (g++ -print-file-name=...)"
-    if why:
-        if os.environ.get("RESATTN_REQUIRE_ASAN") == "1":
-            pytest.fail(f"RESATTN_REQUIRE_ASAN=1 but {why}")
-        pytest.skip(why)
-    env = dict(os.environ)
-    env.update({
-        # libstdc++ too: the sanitizer's __cxa_throw interceptor must find the real one at
-        # start-up, or the first C++ exception (Triton's import throws one) aborts Python.
-        "LD_PRELOAD": f"{_runtime('libasan.so')} {_runtime('libstdc++.so')}",
+    # libstdc++ too: the sanitizer's __cxa_throw interceptor must find the real one at
+    # start-up, or the first C++ exception (Triton's import throws one) aborts Python.
+    return child_env("asan", ("libasan.so", "libstdc++.so"), {
         "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:exitcode=97",
         "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
-        "RESATTN_CUDA_EMULATION": "asan",
         "RESATTN_EXPECT_EMULATION_SANITIZER": "address",
-        "RESATTN_REQUIRE_BACKENDS": "cuda",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
     })
-    return env
-
-
-def _python(code: str, env: Dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)
 
 
 @pytest.mark.slow

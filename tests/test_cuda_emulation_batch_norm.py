@@ -12,13 +12,12 @@ compared with a float64 F.batch_norm + F.relu reference, forward and every gradi
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import require_backend
+from _emulation import emulated, kernels, launches, options  # noqa: F401 (emulated: an autouse fixture)
 
 from resattn_fast import _ext
 
@@ -26,34 +25,8 @@ CL = torch.channels_last
 EPS = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def emulated():
-    require_backend("cuda", "cpu")
-    _ext.EMULATED.clear_launches()
-    yield _ext.EMULATED
-
-
 def ns():
     return torch.ops.resattn_fast_emulated
-
-
-@contextmanager
-def options(**kw) -> Iterator[None]:
-    emu = _ext.EMULATED
-    before = emu.get_options()
-    emu.set_options(kw)
-    try:
-        yield
-    finally:
-        emu.set_options(before)
-
-
-def launches() -> List[Dict]:
-    return list(_ext.EMULATED.launches())
-
-
-def kernels() -> List[str]:
-    return [launch["kernel"] for launch in _ext.EMULATED.launches()]
 
 
 def _tol(dtype: torch.dtype) -> Dict[str, float]:

@@ -12,49 +12,22 @@ Needs the module built with RESATTN_BUILD_CUDA_EMULATION=1 RESATTN_BUILD_CUDA_EM
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 from typing import Dict, List
 
 import pytest
+from _sanitizer import ROOT, child_env, python
 
-ROOT = Path(__file__).resolve().parents[1]
 # The emulated cases to run under TSan (the -k filter picks backend "cuda" in the batteries).
 BATTERIES = ["tests/test_cuda_emulation_batch_norm.py", "tests/test_attention_residual.py",
              "tests/test_upsample_bilinear_add.py"]
 TSAN_EXIT = 66
 
 
-def _runtime(name: str) -> str:
-    """The path of a compiler runtime library (e.g. libtsan.so), or "" if not found."""
-    for cc in ("g++", "gcc", "c++", "cc"):
-        if shutil.which(cc):
-            path = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True,
-                                  text=True).stdout.strip()
-            if os.path.isabs(path) and os.path.exists(path):
-                return path
-    return ""
-
-
 def _tsan_env() -> Dict[str, str]:
-    why = None
-    if importlib.util.find_spec("resattn_fast._C_cuda_emulated_tsan") is None:
-        why = ("the ThreadSanitizer build of the emulated CUDA kernels is missing (build with "
-               "RESATTN_BUILD_CUDA_EMULATION=1 RESATTN_BUILD_CUDA_EMULATION_TSAN=1)")
-    elif not _runtime("libtsan.so"):
-        why = "libtsan.so was not found (g++ -print-file-name=libtsan.so)"
-    if why:
-        if os.environ.get("RESATTN_REQUIRE_TSAN") == "1":
-            pytest.fail(f"RESATTN_REQUIRE_TSAN=1 but {why}")
-        pytest.skip(why)
-    env = dict(os.environ)
-    env.update({
-        "LD_PRELOAD": _runtime("libtsan.so"),
+    return child_env("tsan", ("libtsan.so",), {
         # Reports only from instrumented code (the emulated kernels and the emulation): torch
         # and Python are not instrumented, so their own synchronisation is invisible to TSan.
         "TSAN_OPTIONS": f"exitcode={TSAN_EXIT}:halt_on_error=0:report_signal_unsafe=0:"
@@ -62,17 +35,12 @@ def _tsan_env() -> Dict[str, str]:
         # One intra-op thread: torch's OpenMP workers synchronise through libgomp, which TSan
         # cannot see; the kernels' own threads are the emulation's.
         "OMP_NUM_THREADS": "1",
-        "RESATTN_CUDA_EMULATION": "tsan",
         "RESATTN_EXPECT_EMULATION_SANITIZER": "thread",
-        "RESATTN_REQUIRE_BACKENDS": "cuda",
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
     })
-    return env
 
 
 def _python(code: str, env: Dict[str, str], timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    return python(code, env, timeout)
 
 
 def _races(stderr: str) -> List[str]:

@@ -33,11 +33,12 @@ def child_env(kind: str, libraries: Sequence[str], extra: Dict[str, str]) -> Dic
     ("asan" or "tsan") build with ``libraries`` preloaded, plus ``extra``. Skips when the
     build or a library is missing; fails instead under RESATTN_REQUIRE_<KIND>=1."""
     flag = kind.upper()
+    paths = [runtime(lib) for lib in libraries]
     why = None
     if importlib.util.find_spec(f"resattn_fast._C_cuda_emulated_{kind}") is None:
         why = (f"the {kind} build of the emulated CUDA kernels is missing (build with "
                f"RESATTN_BUILD_CUDA_EMULATION=1 RESATTN_BUILD_CUDA_EMULATION_{flag}=1)")
-    elif not all(runtime(lib) for lib in libraries):
+    elif not all(paths):
         why = f"{' or '.join(libraries)} was not found (g++ -print-file-name=...)"
     if why:
         if os.environ.get(f"RESATTN_REQUIRE_{flag}") == "1":
@@ -45,7 +46,7 @@ def child_env(kind: str, libraries: Sequence[str], extra: Dict[str, str]) -> Dic
         pytest.skip(why)
     env = dict(os.environ)
     env.update({
-        "LD_PRELOAD": " ".join(runtime(lib) for lib in libraries),
+        "LD_PRELOAD": " ".join(paths),
         "RESATTN_CUDA_EMULATION": kind,
         "RESATTN_REQUIRE_BACKENDS": "cuda",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),

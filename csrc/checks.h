@@ -140,21 +140,40 @@ inline void check_batch_norm_relu_backward_args(const at::Tensor& grad, const at
   check_channel_vector(var, "var", x);
 }
 
+// num_batches_tracked, when given: one int64 value on running_mean's device.
+inline void check_num_batches_tracked(const std::optional<at::Tensor>& num_batches_tracked,
+                                      const at::Tensor& running_mean) {
+  if (!num_batches_tracked.has_value() || !num_batches_tracked->defined()) return;
+  const at::Tensor& n = *num_batches_tracked;
+  TORCH_CHECK(n.scalar_type() == at::kLong && n.numel() == 1,
+              "resattn_fast: num_batches_tracked must hold one int64 value, got ", n.scalar_type(),
+              " of shape ", n.sizes());
+  TORCH_CHECK(n.device() == running_mean.device(),
+              "resattn_fast: num_batches_tracked must be on running_mean's device (",
+              running_mean.device(), "), got ", n.device());
+}
+
+// batch_norm_relu_with_update(x, weight?, bias?, running_mean!, running_var!, momentum, eps,
+// num_batches_tracked!?): batch_norm_relu's training checks, and the running tensors'.
+inline void check_batch_norm_relu_with_update_args(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, double eps,
+    const std::optional<at::Tensor>& num_batches_tracked) {
+  check_batch_norm_relu_args(x, weight, bias, running_mean, running_var, true, eps);
+  TORCH_CHECK(running_mean.scalar_type() == running_var.scalar_type(),
+              "resattn_fast: running_mean and running_var must have the same dtype, got ",
+              running_mean.scalar_type(), " and ", running_var.scalar_type());
+  check_num_batches_tracked(num_batches_tracked, running_mean);
+}
+
 // batch_norm_update_stats(running_mean!, running_var!, mean, var, momentum, count,
 // num_batches_tracked!?).
 inline void check_batch_norm_update_args(const at::Tensor& running_mean, const at::Tensor& running_var,
                                          const at::Tensor& mean, const at::Tensor& var,
                                          int64_t count,
                                          const std::optional<at::Tensor>& num_batches_tracked) {
-  if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
-    const at::Tensor& n = *num_batches_tracked;
-    TORCH_CHECK(n.scalar_type() == at::kLong && n.numel() == 1,
-                "resattn_fast: num_batches_tracked must hold one int64 value, got ", n.scalar_type(),
-                " of shape ", n.sizes());
-    TORCH_CHECK(n.device() == running_mean.device(),
-                "resattn_fast: num_batches_tracked must be on running_mean's device (",
-                running_mean.device(), "), got ", n.device());
-  }
+  check_num_batches_tracked(num_batches_tracked, running_mean);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{running_mean, "running_mean"},
                                 {running_var, "running_var"}, {mean, "mean"}, {var, "var"}}) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == running_mean.size(0), "resattn_fast: ", name,

@@ -43,6 +43,17 @@ inline void define_schemas(torch::Library& m) {
   m.def(
       "batch_norm_update_stats(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
       "Tensor var, float momentum, int count, Tensor(c!)? num_batches_tracked) -> ()");
+  // Training batch_norm_relu and batch_norm_update_stats in one call: (out, mean, var) as
+  // batch_norm_relu(training=true), and the running statistics (and num_batches_tracked)
+  // updated from the batch's statistics where they are computed (the CUDA kernels: by the
+  // block that finalizes each channel; no launch of its own), with count = N*H*W; an
+  // empty x leaves them unchanged and still counts the batch. Forward only (mutable ops
+  // take no register_autograd): resattn_fast.ops.batch_norm_relu differentiates it with
+  // batch_norm_relu_backward.
+  m.def(
+      "batch_norm_relu_with_update(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, "
+      "Tensor(b!) running_var, float momentum, float eps, Tensor(c!)? num_batches_tracked) -> "
+      "(Tensor, Tensor, Tensor)");
 }
 
 }  // namespace resattn

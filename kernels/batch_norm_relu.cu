@@ -1,5 +1,5 @@
-// CUDA kernels of resattn_fast::batch_norm_relu, batch_norm_relu_backward and
-// batch_norm_update_stats (the contract: csrc/schemas.h; the math: kernels/batch_norm_relu.h,
+// CUDA kernels of resattn_fast::batch_norm_relu, batch_norm_relu_backward,
+// batch_norm_update_stats and batch_norm_relu_with_update (the contract: csrc/schemas.h; the math: kernels/batch_norm_relu.h,
 // which the CPU backend runs too).
 //
 // Layouts. x is made dense in its suggested memory format first (NCHW or channels_last);
@@ -7,22 +7,25 @@
 // index addresses the same element in every buffer, and the outputs take that layout.
 // NCHW is read as (N, C, HW), channels_last as (M = N*H*W rows, C).
 //
-// Per-channel reductions (training statistics; the backward's sums), in two kernels:
+// Per-channel reductions (training statistics; the backward's sums), in one launch:
 //   1. partials: the (N, H, W) extent of each channel is cut into fixed chunks (sizes from
 //      the shape only, never the device); one block reduces one (channel [tile], chunk)
 //      item at a time (grid-stride over items) and writes its partial to a workspace.
 //      NCHW: a 1-D block, each thread a strided part of the chunk. channels_last: a 2-D
 //      block, threadIdx.x over VEC-channel vectors of one row (128-bit loads along C),
 //      threadIdx.y over rows. In-block combine: warp shuffles, then shared memory.
-//   2. finalize: one warp per channel combines that channel's partials in index order,
-//      writes the op's per-channel results and the row of coefficients the elementwise
-//      pass reads (so no element pays a square root or a division).
+//   2. finalize, in the same kernel: each block counts its finished item in its tile's
+//      counter (arrive_last); the block that finishes a tile's last chunk combines that
+//      tile's partials, one warp per channel, in index order (so the result does not
+//      depend on which block it is), and writes the op's per-channel results and the row
+//      of coefficients the elementwise pass reads (no element pays a square root or a
+//      division). The counters are reset by that block, so they need no memset.
 // Statistics: each thread sums its values' deviations from a shift (the chunk's first
 // value of the channel), turns them into a Welford state (count, mean, M2), and the states
 // are combined with Chan's formula (resattn::welford_combine); the backward's sums are
 // plain sums; all in acc_t (float32; float64 for float64). Every combination happens
 // in an order fixed by the shape: bit-identical run to run and on any device size (number
-// of SMs), no atomics.
+// of SMs); the one atomic counts arrivals, it never sums values.
 //
 // Elementwise passes (normalise + ReLU; the backward's apply) run over the flat memory
 // order, VEC elements (128 bits) per access when the channel extent allows it (NCHW:
@@ -32,10 +35,12 @@
 // first computes every channel's (mean, scale, bias) into its shared memory (a global
 // table written by one small kernel when C is too large for 48 KiB).
 //
-// Passes over x: training forward 2 (partials; normalise) + a tiny finalize; eval forward 1
-// (one launch); backward 2 in training or with weight_grads (sums; apply) and 1 in eval
-// without (one launch).
+// Passes over x (= launches): training forward 2 (statistics; normalise); eval forward 1;
+// backward 2 in training or with weight_grads (sums; apply) and 1 in eval without. (An
+// eval pass with C in the thousands adds one small kernel for its rows; see eval_rows.)
 // batch_norm_update_stats: one kernel for both running tensors and num_batches_tracked.
+// batch_norm_relu_with_update: the training forward's two launches, the running update
+// done by the statistics kernel's finalizing blocks (no launch of its own).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -43,6 +48,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -89,6 +96,11 @@ struct Welford {
   __device__ __forceinline__ void combine(const Welford& o) {
     welford_combine<acc_t>(n, mean, m2, o.n, o.mean, o.m2);
   }
+  // A partial that another block of this launch wrote: read past L1, which is not
+  // coherent across multiprocessors.
+  static __device__ __forceinline__ Welford load(const Welford* p) {
+    return {__ldcg(&p->n), __ldcg(&p->mean), __ldcg(&p->m2)};
+  }
   __device__ __forceinline__ Welford shfl_down(unsigned int offset) const {
     return {__shfl_down_sync(kFullMask, n, offset), __shfl_down_sync(kFullMask, mean, offset),
             __shfl_down_sync(kFullMask, m2, offset)};
@@ -104,6 +116,9 @@ struct GradSums {
   __device__ __forceinline__ void combine(const GradSums& o) {
     dy += o.dy;
     dy_xmu += o.dy_xmu;
+  }
+  static __device__ __forceinline__ GradSums load(const GradSums* p) {  // as Welford::load
+    return {__ldcg(&p->dy), __ldcg(&p->dy_xmu)};
   }
   __device__ __forceinline__ GradSums shfl_down(unsigned int offset) const {
     return {__shfl_down_sync(kFullMask, dy, offset), __shfl_down_sync(kFullMask, dy_xmu, offset)};
@@ -228,6 +243,82 @@ __device__ __forceinline__ ChannelCoef<at::opmath_type<scalar_t>> channel_coef(
   return k;
 }
 
+// ------------------------------------------------------------ single-launch reductions
+// batch_norm_relu_with_update: the running statistics that the block finalizing each
+// channel updates (mean == nullptr: none). Float32, or x's dtype (is_float false).
+struct RunningUpdate {
+  void* mean;
+  void* var;
+  bool is_float;
+  double momentum;
+  int64_t count;                 // N * H * W
+  int64_t* num_batches_tracked;  // nullptr: none; else channel 0's finalizer adds one
+};
+
+// Where the block that finishes a tile writes the reduction's per-channel results.
+template <typename scalar_t>
+struct ReduceOut {
+  using acc_t = at::opmath_type<scalar_t>;
+  BnParams<scalar_t> p;     // the parameters (and, for the sums, the statistics) of the rows
+  acc_t* first;             // statistics: mean; sums: grad_weight
+  acc_t* second;            // statistics: biased var; sums: grad_bias
+  acc_t* rows;              // the next pass's per-channel rows; nullptr: none
+  acc_t inv_count;          // 1 / (N * H * W), for the sums' rows
+  unsigned int* counters;   // one per tile, zero between launches (reduction_counters)
+  int64_t C;
+  RunningUpdate run;        // statistics only
+};
+
+// One channel's running statistics in run_t's accumulation dtype: bn_update_stats_kernel's
+// arithmetic exactly (the same results, bit for bit, as the separate update).
+template <typename run_t>
+__device__ __forceinline__ void update_running_as(void* mean_ptr, void* var_ptr, int64_t c,
+                                                  at::opmath_type<run_t> mean,
+                                                  at::opmath_type<run_t> var, const RunningUpdate& run) {
+  using acc_t = at::opmath_type<run_t>;
+  run_t* rm = static_cast<run_t*>(mean_ptr);
+  run_t* rv = static_cast<run_t*>(var_ptr);
+  acc_t m = static_cast<acc_t>(rm[c]);
+  acc_t v = static_cast<acc_t>(rv[c]);
+  bn_update_running<acc_t>(m, v, mean, var, static_cast<acc_t>(run.momentum), run.count);
+  rm[c] = static_cast<run_t>(m);
+  rv[c] = static_cast<run_t>(v);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ void update_running(const RunningUpdate& run, int64_t c,
+                                               at::opmath_type<scalar_t> mean,
+                                               at::opmath_type<scalar_t> var) {
+  if (run.is_float) {
+    update_running_as<float>(run.mean, run.var, c, static_cast<float>(mean), static_cast<float>(var), run);
+  } else {
+    update_running_as<scalar_t>(run.mean, run.var, c, mean, var, run);
+  }
+  if (c == 0 && run.num_batches_tracked != nullptr) *run.num_batches_tracked += 1;
+}
+
+// The reduction's kernels reserve this many bytes at the start of their dynamic shared
+// memory for arrive_last's flag (the reduction states follow, 16-byte aligned).
+constexpr size_t kFlagBytes = 16;
+
+// Counts this block's finished item of `tile` and tells whether it was the tile's last of
+// `chunks` (then the tile's count is set back to zero for the next launch). All threads
+// of the block call it, after writing their partials; all get the same answer. The fence
+// before the count publishes this block's partials to the block that sees the last count
+// (CUDA's threadFenceReduction pattern); that block reads them with __ldcg.
+__device__ __forceinline__ bool arrive_last(unsigned int* counters, uint32_t tile, uint32_t chunks,
+                                            unsigned int* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    const bool last = atomicAdd(counters + tile, 1u) + 1u == chunks;
+    if (last) counters[tile] = 0u;
+    *flag = last ? 1u : 0u;
+  }
+  __syncthreads();
+  return *flag != 0u;
+}
+
 // One (channel, chunk) item of an NCHW reduction: vectors [begin, begin + size) of channel
 // c's N * HW / VEC, sample-major. Offsets within the chunk are 32-bit (a chunk is small):
 // the per-vector division stays a 32-bit one even on the 64-bit index path.
@@ -253,17 +344,71 @@ struct NchwChunk {
   }
 };
 
+// One warp (lane 0..31, all 32 call) combines channel c's partials `pc`, in index order,
+// into its mean, biased var and row of the normalise pass. The partials (n_k, mean_k,
+// M2_k) combine as n = sum n_k, mean = sum(n_k mean_k) / n,
+// M2 = sum(M2_k + n_k (mean_k - mean)^2): plain sums in a fixed order, the divisions once.
+template <typename scalar_t>
+__device__ __forceinline__ void finalize_stats_channel(const Welford<at::opmath_type<scalar_t>>* pc,
+                                                       uint32_t chunks, int64_t c, int lane,
+                                                       const ReduceOut<scalar_t>& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  GradSums<acc_t> sums = GradSums<acc_t>::zero();  // (sum n_k, sum n_k mean_k)
+  for (uint32_t k = lane; k < chunks; k += kWarp) {
+    const Welford<acc_t> w = Welford<acc_t>::load(pc + k);
+    sums.dy += w.n;
+    sums.dy_xmu += w.n * w.mean;
+  }
+  warp_reduce(sums);
+  const acc_t n = __shfl_sync(kFullMask, sums.dy, 0);
+  const acc_t mu = __shfl_sync(kFullMask, sums.dy_xmu, 0) / n;
+  acc_t m2 = 0;
+  for (uint32_t k = lane; k < chunks; k += kWarp) {
+    const Welford<acc_t> w = Welford<acc_t>::load(pc + k);
+    const acc_t d = w.mean - mu;
+    m2 += w.m2 + w.n * d * d;
+  }
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) m2 += __shfl_down_sync(kFullMask, m2, offset);
+  if (lane == 0) {
+    const acc_t v = m2 / n;
+    out.first[c] = mu;
+    out.second[c] = v;
+    const acc_t invstd = bn_invstd<acc_t>(v, out.p.eps);
+    acc_t* row = out.rows + c * kFwdRow;
+    row[0] = mu;
+    row[1] = out.p.weight.load(c, acc_t(1)) * invstd;
+    row[2] = out.p.bias.load(c, acc_t(0));
+    row[3] = invstd;
+    if (out.run.mean != nullptr) update_running<scalar_t>(out.run, c, mu, v);
+  }
+}
+
+// One warp per channel of channels_last tile `tile` (blockDim.x vectors of `vec` channels):
+// warp w of the block's linear threads runs body(c, lane) for channels w, w +
+// kWarpsPerBlock, ... of the tile (a warp-uniform loop, as the warp shuffles need).
+template <typename Body>
+__device__ __forceinline__ void for_tile_channels(uint32_t tile, int vec, int64_t C, Body body) {
+  const int linear = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x);
+  const int64_t width = static_cast<int64_t>(blockDim.x) * vec;
+  const int64_t c0 = static_cast<int64_t>(tile) * width;
+  const int64_t c1 = c0 + width < C ? c0 + width : C;
+  for (int64_t c = c0 + linear / kWarp; c < c1; c += kWarpsPerBlock) body(c, linear % kWarp);
+}
+
 // ------------------------------------------------------------- statistics (training)
 // NCHW partials: item = c * chunks + k covers vectors [k * chunk, (k + 1) * chunk) of
 // channel c's N * HW / VEC (sample-major), written to part[item].
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_stats_nchw_kernel(
     const scalar_t* __restrict__ x, Welford<at::opmath_type<scalar_t>>* __restrict__ part,
-    index_t C, index_t hwv, index_t per_channel, index_t chunk, uint32_t chunks, uint32_t items) {
+    ReduceOut<scalar_t> out, index_t C, index_t hwv, index_t per_channel, index_t chunk,
+    uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
   RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
-  Welford<acc_t>* smem = reinterpret_cast<Welford<acc_t>*>(resattn_smem);
+  unsigned int* flag = reinterpret_cast<unsigned int*>(resattn_smem);
+  Welford<acc_t>* smem = reinterpret_cast<Welford<acc_t>*>(resattn_smem + kFlagBytes);
   for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
     const NchwChunk<index_t> ch(item, chunks, chunk, per_channel, hwv);
     // The chunk's first value is every thread's shift.
@@ -277,6 +422,9 @@ __global__ void __launch_bounds__(kThreads) bn_stats_nchw_kernel(
     Welford<acc_t> s = sums.welford();
     block_reduce(s, smem);
     if (threadIdx.x == 0) part[item] = s;
+    if (arrive_last(out.counters, static_cast<uint32_t>(ch.c), chunks, flag) && threadIdx.x < kWarp) {
+      finalize_stats_channel(part + static_cast<int64_t>(ch.c) * chunks, chunks, ch.c, threadIdx.x, out);
+    }
   }
 }
 
@@ -286,11 +434,12 @@ __global__ void __launch_bounds__(kThreads) bn_stats_nchw_kernel(
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_stats_cl_kernel(
     const scalar_t* __restrict__ x, Welford<at::opmath_type<scalar_t>>* __restrict__ part,
-    index_t cvs, index_t rows, index_t chunk, uint32_t chunks, uint32_t items) {
+    ReduceOut<scalar_t> out, index_t cvs, index_t rows, index_t chunk, uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
   RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
-  Welford<acc_t>* smem = reinterpret_cast<Welford<acc_t>*>(resattn_smem);
+  unsigned int* flag = reinterpret_cast<unsigned int*>(resattn_smem);
+  Welford<acc_t>* smem = reinterpret_cast<Welford<acc_t>*>(resattn_smem + kFlagBytes);
   for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
     const uint32_t k_chunk = item % chunks;
     const index_t cv = static_cast<index_t>(item / chunks) * static_cast<index_t>(blockDim.x) +
@@ -320,49 +469,12 @@ __global__ void __launch_bounds__(kThreads) bn_stats_cl_kernel(
 #pragma unroll
       for (int k = 0; k < VEC; ++k) part[(static_cast<int64_t>(cv) * VEC + k) * chunks + k_chunk] = s[k];
     }
-  }
-}
-
-// One warp per channel (a warp for every channel: no loop around the divisions): the
-// channel's partials, in index order, -> mean, biased var, and the channel's row of the
-// normalise pass. The partials (n_k, mean_k, M2_k) combine as n = sum n_k,
-// mean = sum(n_k mean_k) / n, M2 = sum(M2_k + n_k (mean_k - mean)^2): plain sums in a
-// fixed order, the divisions once at the end.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) bn_stats_finalize_kernel(
-    const Welford<at::opmath_type<scalar_t>>* __restrict__ part, uint32_t chunks, int64_t C,
-    BnParams<scalar_t> p, at::opmath_type<scalar_t>* __restrict__ mean,
-    at::opmath_type<scalar_t>* __restrict__ var, at::opmath_type<scalar_t>* __restrict__ rows) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (c >= C) return;  // whole warps
-  const Welford<acc_t>* pc = part + c * chunks;
-  GradSums<acc_t> sums = GradSums<acc_t>::zero();  // (sum n_k, sum n_k mean_k)
-  for (uint32_t k = lane; k < chunks; k += kWarp) {
-    sums.dy += pc[k].n;
-    sums.dy_xmu += pc[k].n * pc[k].mean;
-  }
-  warp_reduce(sums);
-  const acc_t n = __shfl_sync(kFullMask, sums.dy, 0);
-  const acc_t mu = __shfl_sync(kFullMask, sums.dy_xmu, 0) / n;
-  acc_t m2 = 0;
-  for (uint32_t k = lane; k < chunks; k += kWarp) {
-    const acc_t d = pc[k].mean - mu;
-    m2 += pc[k].m2 + pc[k].n * d * d;
-  }
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) m2 += __shfl_down_sync(kFullMask, m2, offset);
-  if (lane == 0) {
-    const acc_t v = m2 / n;
-    mean[c] = mu;
-    var[c] = v;
-    const acc_t invstd = bn_invstd<acc_t>(v, p.eps);
-    acc_t* row = rows + c * kFwdRow;
-    row[0] = mu;
-    row[1] = p.weight.load(c, acc_t(1)) * invstd;
-    row[2] = p.bias.load(c, acc_t(0));
-    row[3] = invstd;
+    const uint32_t tile = item / chunks;
+    if (arrive_last(out.counters, tile, chunks, flag)) {
+      for_tile_channels(tile, VEC, out.C, [&](int64_t c, int lane) {
+        finalize_stats_channel(part + c * chunks, chunks, c, lane, out);
+      });
+    }
   }
 }
 
@@ -380,8 +492,8 @@ __device__ __forceinline__ void fill_rows(const BnParams<scalar_t>& p, int64_t f
   }
 }
 
-// The rows of every channel into global memory: for the backward's sums, and for the eval
-// passes when they do not fit in a block's shared memory (C in the thousands).
+// The rows of every channel into global memory, for the eval passes when they do not fit
+// in a block's shared memory (C in the thousands).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) bn_rows_kernel(BnParams<scalar_t> p, int64_t C,
                                                            at::opmath_type<scalar_t>* __restrict__ rows) {
@@ -492,21 +604,52 @@ __global__ void __launch_bounds__(kThreads) bn_relu_forward_kernel(
 }
 
 // ---------------------------------------------------------------------- backward sums
-// NCHW partials of sum(dy) and sum(dy * (x - mean)); items as bn_stats_nchw_kernel.
+// One warp (all 32 lanes call) combines channel c's partials `pc` in index order:
+// grad_bias = sum(dy), grad_weight = sum(dy * x_hat) = invstd * sum(dy * (x - mean)); and,
+// in training, the channel's row of the apply pass (kBwdRow: mean, scale, bias, invstd,
+// grad_bias / M, grad_weight / M).
+template <typename scalar_t>
+__device__ __forceinline__ void finalize_grad_channel(const GradSums<at::opmath_type<scalar_t>>* pc,
+                                                      uint32_t chunks, int64_t c, int lane,
+                                                      const ReduceOut<scalar_t>& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  GradSums<acc_t> s = GradSums<acc_t>::zero();
+  for (uint32_t k = lane; k < chunks; k += kWarp) s.combine(GradSums<acc_t>::load(pc + k));
+  warp_reduce(s);
+  if (lane == 0) {
+    const ChannelCoef<acc_t> q = channel_coef(out.p, c);
+    const acc_t gw = s.dy_xmu * q.invstd;
+    out.first[c] = gw;
+    out.second[c] = s.dy;
+    if (out.rows != nullptr) {
+      acc_t* row = out.rows + c * kBwdRow;
+      row[0] = q.mean;
+      row[1] = q.scale;
+      row[2] = q.bias;
+      row[3] = q.invstd;
+      row[4] = s.dy * out.inv_count;
+      row[5] = gw * out.inv_count;
+    }
+  }
+}
+
+// NCHW sums of dy and dy * (x - mean), items as bn_stats_nchw_kernel, each channel's
+// finished by the block that completes it (finalize_grad_channel). The ReLU mask's
+// coefficients come from out.p (the saved statistics and the parameters), per item.
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_nchw_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-    const at::opmath_type<scalar_t>* __restrict__ rows,
-    GradSums<at::opmath_type<scalar_t>>* __restrict__ part, index_t C, index_t hwv,
-    index_t per_channel, index_t chunk, uint32_t chunks, uint32_t items) {
+    GradSums<at::opmath_type<scalar_t>>* __restrict__ part, ReduceOut<scalar_t> out, index_t C,
+    index_t hwv, index_t per_channel, index_t chunk, uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
   RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
-  GradSums<acc_t>* smem = reinterpret_cast<GradSums<acc_t>*>(resattn_smem);
+  unsigned int* flag = reinterpret_cast<unsigned int*>(resattn_smem);
+  GradSums<acc_t>* smem = reinterpret_cast<GradSums<acc_t>*>(resattn_smem + kFlagBytes);
   for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
     const NchwChunk<index_t> ch(item, chunks, chunk, per_channel, hwv);
-    const acc_t* q = rows + static_cast<int64_t>(ch.c) * kFwdRow;
-    const acc_t mean = q[0], scale = q[1], bias = q[2];
+    const ChannelCoef<acc_t> q = channel_coef(out.p, ch.c);
+    const acc_t mean = q.mean, scale = q.scale, bias = q.bias;
     GradSums<acc_t> s = GradSums<acc_t>::zero();
     for (uint32_t j = threadIdx.x; j < ch.size; j += kThreads) {
       const index_t off = ch.offset(j, C, hwv);
@@ -522,20 +665,23 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_nchw_kernel(
     }
     block_reduce(s, smem);
     if (threadIdx.x == 0) part[item] = s;
+    if (arrive_last(out.counters, static_cast<uint32_t>(ch.c), chunks, flag) && threadIdx.x < kWarp) {
+      finalize_grad_channel(part + static_cast<int64_t>(ch.c) * chunks, chunks, ch.c, threadIdx.x, out);
+    }
   }
 }
 
-// channels_last partials; items and layout as bn_stats_cl_kernel.
+// channels_last sums; items, layout and finishing as bn_stats_cl_kernel.
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-    const at::opmath_type<scalar_t>* __restrict__ coef,
-    GradSums<at::opmath_type<scalar_t>>* __restrict__ part, index_t cvs, index_t rows,
-    index_t chunk, uint32_t chunks, uint32_t items) {
+    GradSums<at::opmath_type<scalar_t>>* __restrict__ part, ReduceOut<scalar_t> out, index_t cvs,
+    index_t rows, index_t chunk, uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
   RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
-  GradSums<acc_t>* smem = reinterpret_cast<GradSums<acc_t>*>(resattn_smem);
+  unsigned int* flag = reinterpret_cast<unsigned int*>(resattn_smem);
+  GradSums<acc_t>* smem = reinterpret_cast<GradSums<acc_t>*>(resattn_smem + kFlagBytes);
   for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
     const uint32_t k_chunk = item % chunks;
     const index_t cv = static_cast<index_t>(item / chunks) * static_cast<index_t>(blockDim.x) +
@@ -548,10 +694,7 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
     if (cv < cvs) {
       ChannelCoef<acc_t> q[VEC];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const acc_t* r = coef + (static_cast<int64_t>(cv) * VEC + k) * kFwdRow;
-        q[k] = {r[0], r[3], r[1], r[2]};
-      }
+      for (int k = 0; k < VEC; ++k) q[k] = channel_coef(out.p, static_cast<int64_t>(cv) * VEC + k);
       for (int64_t rr = begin + static_cast<int64_t>(threadIdx.y); rr < end; rr += blockDim.y) {
         const index_t r = static_cast<index_t>(rr);
         const vec_t gv = reinterpret_cast<const vec_t*>(grad)[r * cvs + cv];
@@ -571,39 +714,11 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
 #pragma unroll
       for (int k = 0; k < VEC; ++k) part[(static_cast<int64_t>(cv) * VEC + k) * chunks + k_chunk] = s[k];
     }
-  }
-}
-
-// One warp per channel (a warp for every channel): grad_bias = sum(dy), grad_weight =
-// sum(dy * x_hat) = invstd * sum(dy * (x - mean)), from the partials in index order; and,
-// in training, the channel's row of the apply pass (kBwdRow: mean, scale, bias, invstd,
-// grad_bias / M, grad_weight / M). `coef`: the rows the sums were taken with.
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_finalize_kernel(
-    const GradSums<at::opmath_type<scalar_t>>* __restrict__ part, uint32_t chunks, int64_t C,
-    const at::opmath_type<scalar_t>* __restrict__ coef, at::opmath_type<scalar_t> inv_count,
-    at::opmath_type<scalar_t>* __restrict__ grad_weight,
-    at::opmath_type<scalar_t>* __restrict__ grad_bias, at::opmath_type<scalar_t>* __restrict__ rows) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp;
-  if (c >= C) return;  // whole warps
-  GradSums<acc_t> s = GradSums<acc_t>::zero();
-  for (uint32_t k = lane; k < chunks; k += kWarp) s.combine(part[c * chunks + k]);
-  warp_reduce(s);
-  if (lane == 0) {
-    const acc_t* q = coef + c * kFwdRow;
-    const acc_t gw = s.dy_xmu * q[3];
-    grad_bias[c] = s.dy;
-    grad_weight[c] = gw;
-    if (rows != nullptr) {
-      acc_t* row = rows + c * kBwdRow;
-      row[0] = q[0];
-      row[1] = q[1];
-      row[2] = q[2];
-      row[3] = q[3];
-      row[4] = s.dy * inv_count;
-      row[5] = gw * inv_count;
+    const uint32_t tile = item / chunks;
+    if (arrive_last(out.counters, tile, chunks, flag)) {
+      for_tile_channels(tile, VEC, out.C, [&](int64_t c, int lane) {
+        finalize_grad_channel(part + c * chunks, chunks, c, lane, out);
+      });
     }
   }
 }
@@ -781,9 +896,32 @@ Stride<index_t> grid_stride(unsigned int blocks, int64_t inner, int64_t C) {
   return {static_cast<index_t>(stride % inner), static_cast<index_t>((stride / inner) % C)};
 }
 
-// The finalize kernels' grid: a warp for every channel.
-unsigned int warp_per_channel_blocks(int64_t C) {
-  return static_cast<unsigned int>((C + kWarpsPerBlock - 1) / kWarpsPerBlock);
+// A stream as a map key (cudaStream_t is a pointer; the emulation's stream an int).
+template <typename S>
+std::uintptr_t stream_key(S stream) {
+  if constexpr (std::is_pointer_v<S>) {
+    return reinterpret_cast<std::uintptr_t>(stream);
+  } else {
+    return static_cast<std::uintptr_t>(stream);
+  }
+}
+
+// arrive_last's counters: at least `n` words, zero, for launches on `stream` of x's
+// device. Allocated (zeroed) once per (device, stream) and kept: every launch leaves them
+// zero again (the last block of each tile resets its count), so no launch pays a memset.
+// Reductions on different streams may run at the same time, hence one buffer per stream.
+unsigned int* reduction_counters(const at::Tensor& x, int64_t n, Stream stream) {
+  static std::mutex mutex;
+  // Never freed: the buffers must outlive every launch, and the allocator at exit.
+  static auto* buffers = new std::map<std::pair<int64_t, std::uintptr_t>, at::Tensor>();
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& counters = (*buffers)[{static_cast<int64_t>(x.device().index()), stream_key(stream)}];
+  if (!counters.defined() || counters.numel() < n) {
+    // Replacing a smaller buffer is safe: launches on this stream that still use it run
+    // before any later use of its memory on the stream (the caching allocator's order).
+    counters = at::zeros({std::max<int64_t>(n, 4096)}, x.options().dtype(at::kInt));
+  }
+  return reinterpret_cast<unsigned int*>(counters.data_ptr<int32_t>());
 }
 
 // Runs `body` with constexpr bool `kTrain`.
@@ -813,12 +951,20 @@ size_t eval_rows(const BnParams<scalar_t>& p, const at::Tensor& x, int64_t C, at
   return 0;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
+// batch_norm_relu_with_update's running statistics (contiguous: the caller copies back).
+struct RunningArgs {
+  at::Tensor mean, var;
+  double momentum;
+  int64_t* num_batches_tracked;
+};
+
+// batch_norm_relu; with `update` (training only), also the running statistics, updated by
+// the statistics kernel's finalizing blocks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, double eps) {
-  check_batch_norm_relu_args(x_in, weight, bias, running_mean, running_var, training, eps);
-  check_on_device(x_in, "x");
+    const std::optional<at::Tensor>& running_var, bool training, double eps,
+    const RunningArgs* update) {
   const DeviceGuard guard(x_in.device());
   const at::MemoryFormat fmt = follow_format(x_in);
   const bool cl = fmt == at::MemoryFormat::ChannelsLast;
@@ -865,23 +1011,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
           const auto items = static_cast<uint32_t>(plan.items);
           at::Tensor ws = partials_workspace<scalar_t, Welford<acc_t>>(x, plan, C);
           auto* part = reinterpret_cast<Welford<acc_t>*>(ws.data_ptr<acc_t>());
+          rows = at::empty({C * kFwdRow}, x.options().dtype(acc_dtype(x)));
+          RunningUpdate run{nullptr, nullptr, false, 0.0, N * HW, nullptr};
+          if (update != nullptr) {
+            run = {update->mean.data_ptr(), update->var.data_ptr(), update->mean.scalar_type() == at::kFloat,
+                   update->momentum, N * HW, update->num_batches_tracked};
+          }
+          const ReduceOut<scalar_t> fin{p, mp, vp, rows.data_ptr<acc_t>(), acc_t(0),
+                                        reduction_counters(x, plan.tiles, stream), C, run};
           if (cl) {
-            const size_t smem = sizeof(Welford<acc_t>) * kWarpsPerBlock * plan.tx * VEC;
+            const size_t smem = kFlagBytes + sizeof(Welford<acc_t>) * kWarpsPerBlock * plan.tx * VEC;
             RESATTN_LAUNCH(num_blocks(plan.items * kThreads), dim3(plan.tx, plan.ty), smem, stream,
                            bn_stats_cl_kernel<scalar_t, index_t, VEC>)(
-                xp, part, static_cast<index_t>(cvs), static_cast<index_t>(N * HW),
+                xp, part, fin, static_cast<index_t>(cvs), static_cast<index_t>(N * HW),
                 static_cast<index_t>(plan.chunk), chunks, items);
           } else {
-            const size_t smem = sizeof(Welford<acc_t>) * kWarpsPerBlock;
+            const size_t smem = kFlagBytes + sizeof(Welford<acc_t>) * kWarpsPerBlock;
             RESATTN_LAUNCH(num_blocks(plan.items * kThreads), kThreads, smem, stream,
                            bn_stats_nchw_kernel<scalar_t, index_t, VEC>)(
-                xp, part, static_cast<index_t>(C), static_cast<index_t>(HW / VEC),
+                xp, part, fin, static_cast<index_t>(C), static_cast<index_t>(HW / VEC),
                 static_cast<index_t>(N * HW / VEC), static_cast<index_t>(plan.chunk), chunks, items);
           }
-          RESATTN_KERNEL_LAUNCH_CHECK();
-          rows = at::empty({C * kFwdRow}, x.options().dtype(acc_dtype(x)));
-          RESATTN_LAUNCH(warp_per_channel_blocks(C), kThreads, 0, stream, bn_stats_finalize_kernel<scalar_t>)(
-              part, chunks, C, p, mp, vp, rows.data_ptr<acc_t>());
           RESATTN_KERNEL_LAUNCH_CHECK();
         } else {
           rows_smem = eval_rows<scalar_t>(p, x, C, rows, stream);
@@ -901,6 +1051,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
     });
   });
   return {out, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double eps) {
+  check_batch_norm_relu_args(x, weight, bias, running_mean, running_var, training, eps);
+  check_on_device(x, "x");
+  return batch_norm_relu_forward(x, weight, bias, running_mean, running_var, training, eps, nullptr);
+}
+
+// Training forward and the running update in the same launches (the statistics kernel's
+// finalizing blocks update each channel; channel 0's also counts the batch).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_with_update_cuda(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+    const at::Tensor& running_var, double momentum, double eps,
+    const std::optional<at::Tensor>& num_batches_tracked) {
+  check_batch_norm_relu_with_update_args(x, weight, bias, running_mean, running_var, eps,
+                                         num_batches_tracked);
+  check_on_device(x, "x");
+  const bool has_nbt = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (x.numel() == 0) {  // no batch: the running statistics stay; the batch still counts
+    if (has_nbt) num_batches_tracked->add_(1);
+    return batch_norm_relu_forward(x, weight, bias, running_mean, running_var, true, eps, nullptr);
+  }
+  // In place: strided running tensors are updated through contiguous copies.
+  RunningArgs update{running_mean.contiguous(), running_var.contiguous(), momentum,
+                     has_nbt ? num_batches_tracked->data_ptr<int64_t>() : nullptr};
+  auto result = batch_norm_relu_forward(x, weight, bias, running_mean, running_var, true, eps, &update);
+  if (!update.mean.is_same(running_mean)) running_mean.copy_(update.mean);
+  if (!update.var.is_same(running_var)) running_var.copy_(update.var);
+  return result;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
@@ -967,35 +1150,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
           const auto items = static_cast<uint32_t>(plan.items);
           at::Tensor ws = partials_workspace<scalar_t, GradSums<acc_t>>(x, plan, C);
           auto* part = reinterpret_cast<GradSums<acc_t>*>(ws.data_ptr<acc_t>());
-          // The rows the sums take the ReLU mask with (one small kernel, per channel).
-          at::Tensor coef = at::empty({C * kFwdRow}, x.options().dtype(acc));
-          const acc_t* cp = coef.data_ptr<acc_t>();
-          RESATTN_LAUNCH(num_blocks(C), kThreads, 0, stream, bn_rows_kernel<scalar_t>)(
-              p, C, coef.data_ptr<acc_t>());
-          RESATTN_KERNEL_LAUNCH_CHECK();
+          // Training: the apply pass's rows come from the sums; eval: from p (below).
+          if (training) rows = at::empty({C * kBwdRow}, x.options().dtype(acc));
+          const ReduceOut<scalar_t> fin{p, gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(),
+                                        training ? rows.data_ptr<acc_t>() : nullptr, inv_count,
+                                        reduction_counters(x, plan.tiles, stream), C};
           if (cl) {
-            const size_t smem = sizeof(GradSums<acc_t>) * kWarpsPerBlock * plan.tx * VEC;
+            const size_t smem = kFlagBytes + sizeof(GradSums<acc_t>) * kWarpsPerBlock * plan.tx * VEC;
             RESATTN_LAUNCH(num_blocks(plan.items * kThreads), dim3(plan.tx, plan.ty), smem, stream,
                            bn_relu_grad_sums_cl_kernel<scalar_t, index_t, VEC>)(
-                gp, xp, cp, part, static_cast<index_t>(cvs), static_cast<index_t>(N * HW),
+                gp, xp, part, fin, static_cast<index_t>(cvs), static_cast<index_t>(N * HW),
                 static_cast<index_t>(plan.chunk), chunks, items);
           } else {
-            const size_t smem = sizeof(GradSums<acc_t>) * kWarpsPerBlock;
+            const size_t smem = kFlagBytes + sizeof(GradSums<acc_t>) * kWarpsPerBlock;
             RESATTN_LAUNCH(num_blocks(plan.items * kThreads), kThreads, smem, stream,
                            bn_relu_grad_sums_nchw_kernel<scalar_t, index_t, VEC>)(
-                gp, xp, cp, part, static_cast<index_t>(C), static_cast<index_t>(HW / VEC),
+                gp, xp, part, fin, static_cast<index_t>(C), static_cast<index_t>(HW / VEC),
                 static_cast<index_t>(N * HW / VEC), static_cast<index_t>(plan.chunk), chunks, items);
           }
           RESATTN_KERNEL_LAUNCH_CHECK();
-          rows = training ? at::empty({C * kBwdRow}, x.options().dtype(acc)) : coef;
-          RESATTN_LAUNCH(warp_per_channel_blocks(C), kThreads, 0, stream,
-                         bn_relu_grad_sums_finalize_kernel<scalar_t>)(
-              part, chunks, C, cp, inv_count, gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(),
-              training ? rows.data_ptr<acc_t>() : nullptr);
-          RESATTN_KERNEL_LAUNCH_CHECK();
-        } else {
-          rows_smem = eval_rows<scalar_t>(p, x, C, rows, stream);
         }
+        if (!training) rows_smem = eval_rows<scalar_t>(p, x, C, rows, stream);
         const int64_t nvec = x.numel() / VEC;
         const unsigned int blocks = num_blocks(nvec);
         const int64_t inner = cl ? cvs : HW / VEC;
@@ -1050,4 +1225,5 @@ TORCH_LIBRARY_IMPL(RESATTN_CUDA_NAMESPACE, RESATTN_CUDA_DISPATCH_KEY, m) {
   m.impl("batch_norm_relu", &resattn::cuda::batch_norm_relu_cuda);
   m.impl("batch_norm_relu_backward", &resattn::cuda::batch_norm_relu_backward_cuda);
   m.impl("batch_norm_update_stats", &resattn::cuda::batch_norm_update_stats_cuda);
+  m.impl("batch_norm_relu_with_update", &resattn::cuda::batch_norm_relu_with_update_cuda);
 }

@@ -75,7 +75,8 @@ def build_info() -> Dict[str, Any]:
             torch._C._dispatch_has_kernel_for_dispatch_key(f"resattn_fast::{op}", key)
             for op in ("upsample_bilinear_add", "upsample_bilinear_add_backward",
                        "attention_residual", "attention_residual_backward",
-                       "batch_norm_relu", "batch_norm_relu_backward", "batch_norm_update_stats")
+                       "batch_norm_relu", "batch_norm_relu_backward", "batch_norm_update_stats",
+                       "batch_norm_relu_with_update")
         )
     info["loaded"] = True
     info["error"] = None

@@ -19,6 +19,7 @@ from conftest import CPU_FUSED, require_backend
 
 from resattn_fast import ops
 from resattn_fast.nn import bn_relu
+from resattn_fast.reference import ops as _ref_ops
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(2, 3, 5, 7), (3, 1, 4, 4), (4, 17, 1, 1), (1, 3, 5, 5), (2, 16, 6, 6)]
@@ -329,7 +330,7 @@ def _opcheck_args(x):
 @pytest.mark.parametrize("backend", CPU_FUSED)
 def test_opcheck(backend):
     require_backend(backend)
-    fwd, bwd, upd = ops._bn_ops(backend, torch.device("cpu"))
+    fwd, bwd, upd, with_update = ops._bn_ops(backend, torch.device("cpu"))
     x = torch.randn(2, 3, 4, 5)
     w, b, rm, rv = _opcheck_args(x)
     for xx in (x, x.contiguous(memory_format=torch.channels_last)):
@@ -344,6 +345,9 @@ def test_opcheck(backend):
     _, mean, var = fwd(x, w, b, None, None, True, EPS)
     torch.library.opcheck(upd, (rm.clone(), rv.clone(), mean, var, 0.1, x.numel() // 3, None))
     torch.library.opcheck(upd, (rm.clone(), rv.clone(), mean, var, 0.1, x.numel() // 3, torch.tensor(4)))
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        torch.library.opcheck(with_update, (xx, w, b, rm.clone(), rv.clone(), 0.1, EPS, None))
+        torch.library.opcheck(with_update, (xx, None, None, rm.clone(), rv.clone(), 0.1, EPS, torch.tensor(4)))
 
 
 @pytest.mark.parametrize("backend", CPU_FUSED)
@@ -369,6 +373,126 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(rv_c, rv_e)
 
 
+# --------------------------------------------------------- batch_norm_relu_with_update
+# Training forward and running update in one op (the update inside the statistics kernel):
+# what ops.batch_norm_relu runs in training with running statistics, outside torch.compile.
+# Its outputs, running statistics and count equal batch_norm_relu(training) followed by
+# batch_norm_update_stats bit for bit, on every backend; the battery above covers it
+# against the float64 reference through ops.batch_norm_relu.
+WITH_UPDATE_DTYPES = [(torch.float32, torch.float32), (torch.float64, torch.float64),
+                      (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                      (torch.float16, torch.float16), (torch.float64, torch.float32)]
+
+
+def _running(c, dtype, strided, seed):
+    g = torch.Generator().manual_seed(seed)
+    rm, rv = torch.randn(2 * c, generator=g).to(dtype), (torch.rand(2 * c, generator=g) + 0.5).to(dtype)
+    return (rm[::2], rv[::2]) if strided else (rm[:c].clone(), rv[:c].clone())
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+@pytest.mark.parametrize("dtypes", WITH_UPDATE_DTYPES, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sliced"])
+def test_with_update_equals_forward_then_update(backend, dtypes, layout):
+    require_backend(backend)
+    fwd, _, upd, with_update = ops._bn_ops(backend, torch.device("cpu"))
+    dtype, rdtype = dtypes
+    for i, shape in enumerate(SHAPES + [(9, 2, 48, 48)]):
+        c = shape[1]
+        x, w, b, _, _, _ = _inputs(shape, dtype, seed=i)
+        x = _layout(x.to(dtype), layout)
+        pdt = _param_dtype(dtype)
+        w, b = w.to(pdt), b.to(pdt)
+        momentum = (0.1, 0.0, 1.0, 0.25)[i % 4]
+        strided = i % 2 == 1
+        rm1, rv1 = _running(c, rdtype, strided, i)
+        rm2, rv2 = _running(c, rdtype, strided, i)
+        n1, n2 = (torch.tensor(7), torch.tensor(7)) if i % 3 else (None, None)
+        out1, mean1, var1 = fwd(x, w, b, None, None, True, EPS)
+        upd(rm1, rv1, mean1, var1, momentum, x.numel() // c, n1)
+        out2, mean2, var2 = with_update(x, w, b, rm2, rv2, momentum, EPS, n2)
+        tag = f"{backend} {dtype} running {rdtype} {layout} {shape} momentum={momentum} strided={strided}"
+        for got, want, name in ((out2, out1, "out"), (mean2, mean1, "mean"), (var2, var1, "var"),
+                                (rm2, rm1, "running_mean"), (rv2, rv1, "running_var")):
+            assert got.dtype == want.dtype and torch.equal(got, want), f"{name} {tag}"
+        assert n1 is None or n1.item() == n2.item() == 8, tag
+        if momentum == 0.0:
+            torch.testing.assert_close(rm2, _running(c, rdtype, strided, i)[0], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ("reference",) + CPU_FUSED)
+def test_with_update_empty_batch_counts_only(backend):
+    require_backend(backend)
+    with_update = _ref_ops.batch_norm_relu_with_update if backend == "reference" else \
+        ops._bn_ops(backend, torch.device("cpu"))[3]
+    rm, rv, n = torch.randn(3), torch.rand(3) + 0.5, torch.tensor(2)
+    rm0, rv0 = rm.clone(), rv.clone()
+    out, mean, var = with_update(torch.randn(0, 3, 4, 4), torch.ones(3), torch.zeros(3), rm, rv, 0.1, EPS, n)
+    assert out.shape == (0, 3, 4, 4) and n.item() == 3
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    assert torch.equal(mean, torch.zeros(3)) and torch.equal(var, torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_with_update_matches_reference(backend):
+    """The op against its plain-PyTorch reference (reference/ops.py): float64, C = 17."""
+    require_backend(backend)
+    with_update = ops._bn_ops(backend, torch.device("cpu"))[3]
+    x, w, b, rm, rv, _ = _inputs((3, 17, 5, 4), torch.float64)
+    rm_r, rv_r, n_r, n = rm.clone(), rv.clone(), torch.tensor(0), torch.tensor(0)
+    want = _ref_ops.batch_norm_relu_with_update(x, w, b, rm_r, rv_r, 0.3, EPS, n_r)
+    got = with_update(x, w, b, rm, rv, 0.3, EPS, n)
+    for g, e in zip(list(got) + [rm, rv], list(want) + [rm_r, rv_r]):
+        torch.testing.assert_close(g, e, atol=1e-12, rtol=1e-12)
+    assert n.item() == n_r.item() == 1
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_with_update_checks_name_the_argument(backend):
+    require_backend(backend)
+    with_update = ops._bn_ops(backend, torch.device("cpu"))[3]
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="running_mean and running_var must have the same dtype"):
+        with_update(x.half(), None, None, torch.zeros(3), torch.ones(3, dtype=torch.half), 0.1, EPS, None)
+    with pytest.raises(RuntimeError, match="num_batches_tracked must hold one int64 value"):
+        with_update(x, None, None, torch.zeros(3), torch.ones(3), 0.1, EPS, torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="running_var must be a 1-D tensor of C = 3"):
+        with_update(x, None, None, torch.zeros(3), torch.ones(4), 0.1, EPS, None)
+    with pytest.raises(RuntimeError, match="Expected more than 1 value per channel"):
+        with_update(torch.randn(1, 3, 1, 1), None, None, torch.zeros(3), torch.ones(3), 0.1, EPS, None)
+
+
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_module_runs_one_op_per_training_call(backend):
+    """nn.bn_relu in training: the forward is one batch_norm_relu_with_update (the running
+    statistics and the count inside it), no separate update and no `+= 1`; eval and
+    momentum=0 (the checkpoint's recomputation) take the plain op."""
+    require_backend(backend)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func._schema.name.split("::")[-1])
+            return func(*args, **(kwargs or {}))
+
+    bn = torch.nn.BatchNorm2d(5)
+    x = torch.randn(2, 5, 3, 3, requires_grad=True)
+    with Ops() as mode:
+        bn_relu(bn, x, backend=backend).sum().backward()
+    fused = [n for n in mode.seen if n.startswith("batch_norm")]
+    suffix = "_triton" if backend == "triton" else ""
+    assert fused == [f"batch_norm_relu_with_update{suffix}", f"batch_norm_relu_backward{suffix}"], mode.seen
+    assert "add_" not in mode.seen and bn.num_batches_tracked.item() == 1
+    bn.momentum = 0.0
+    with Ops() as mode:
+        bn_relu(bn, x, backend=backend)
+    assert [n for n in mode.seen if n.startswith("batch_norm")] == [f"batch_norm_relu{suffix}"], mode.seen
+
+
 # On a GPU (benchmarks/gpu_check.sh): the CUDA and Triton kernels, compiled for the device.
 GPU_BACKENDS = ("cuda", "triton")
 
@@ -392,7 +516,7 @@ def test_gpu_stage1_full_size_bit_identical(backend, layout):
     require_backend(backend, "cuda")
     _check(backend, (16, 256, 56, 56), torch.float32, layout, device="cuda")
     x = _layout(torch.randn(16, 256, 56, 56, device="cuda") * 2 + 1, layout)
-    fwd, bwd, _ = ops._bn_ops(backend, x.device)
+    fwd, bwd, _, _ = ops._bn_ops(backend, x.device)
     w, b = torch.rand(256, device="cuda") + 0.5, torch.randn(256, device="cuda")
     r1, r2 = fwd(x, w, b, None, None, True, EPS), fwd(x, w, b, None, None, True, EPS)
     assert all(torch.equal(a, c) for a, c in zip(r1, r2))
@@ -407,7 +531,7 @@ def test_gpu_stage1_full_size_bit_identical(backend, layout):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_opcheck_and_compile(backend):
     require_backend(backend, "cuda")
-    fwd, bwd, upd = ops._bn_ops(backend, torch.device("cuda"))
+    fwd, bwd, upd, with_update = ops._bn_ops(backend, torch.device("cuda"))
     x = torch.randn(2, 3, 4, 5, device="cuda")
     w, b = torch.rand(3, device="cuda") + 0.5, torch.randn(3, device="cuda")
     torch.library.opcheck(fwd, (x, w, b, None, None, True, EPS))
@@ -415,6 +539,8 @@ def test_gpu_opcheck_and_compile(backend):
     torch.library.opcheck(bwd, (torch.randn_like(x), x, w, b, mean, var, True, EPS, torch.randn_like(x), True))
     torch.library.opcheck(upd, (torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"), mean, var, 0.1, 40,
                                 torch.tensor(2, device="cuda")))
+    torch.library.opcheck(with_update, (x, w, b, torch.zeros(3, device="cuda"), torch.ones(3, device="cuda"),
+                                        0.1, EPS, torch.tensor(2, device="cuda")))
     torch._dynamo.reset()
 
     def fn(x, rm, rv):
@@ -433,3 +559,34 @@ def test_gpu_opcheck_and_compile(backend):
     torch.testing.assert_close(xc.grad, xe.grad)
     torch.testing.assert_close(rms[1], rms[0])
     torch.testing.assert_close(rvs[1], rvs[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape,dtype,layout", [
+    ((16, 256, 56, 56), torch.float32, "nchw"), ((16, 256, 56, 56), torch.bfloat16, "channels_last"),
+    ((64, 2048, 7, 7), torch.bfloat16, "channels_last"), ((64, 1024, 14, 14), torch.float16, "nchw")])
+def test_gpu_reductions_finalized_in_one_launch(backend, shape, dtype, layout):
+    """On a real device the per-channel reductions are finalized by the block that
+    completes each channel (counters reset by that block, partials published by a fence):
+    twenty runs give the same bits, and batch_norm_relu_with_update equals the forward
+    followed by batch_norm_update_stats."""
+    require_backend(backend, "cuda")
+    fwd, bwd, upd, with_update = ops._bn_ops(backend, torch.device("cuda"))
+    c = shape[1]
+    x = _layout(torch.randn(shape, device="cuda") * 2 + 1, layout).to(dtype)
+    w, b = torch.rand(c, device="cuda") + 0.5, torch.randn(c, device="cuda")
+    g = torch.randn_like(x)
+    first = fwd(x, w, b, None, None, True, EPS)
+    grads = bwd(g, x, w, b, first[1], first[2], True, EPS, None, True)
+    for _ in range(20):
+        again = fwd(x, w, b, None, None, True, EPS)
+        assert all(torch.equal(a, e) for a, e in zip(again, first))
+        assert all(torch.equal(a, e) for a, e in zip(bwd(g, x, w, b, again[1], again[2], True, EPS, None, True),
+                                                     grads))
+    rm1, rv1 = torch.zeros(c, device="cuda"), torch.ones(c, device="cuda")
+    rm2, rv2 = rm1.clone(), rv1.clone()
+    n1, n2 = torch.tensor(0, device="cuda"), torch.tensor(0, device="cuda")
+    upd(rm1, rv1, first[1], first[2], 0.1, x.numel() // c, n1)
+    got = with_update(x, w, b, rm2, rv2, 0.1, EPS, n2)
+    assert all(torch.equal(a, e) for a, e in zip(list(got) + [rm2, rv2, n2], list(first) + [rm1, rv1, n1]))

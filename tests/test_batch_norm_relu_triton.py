@@ -468,3 +468,55 @@ def test_update_stats_errors(bnr):
         _ops().batch_norm_update_stats_triton(rm, rv, rm, rv[:2], 0.1, 4, None)
     with pytest.raises(RuntimeError, match="running_mean and running_var must have the same dtype, got Float and Double"):
         _ops().batch_norm_update_stats_triton(rm, rv.double(), rm, rv, 0.1, 4, None)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_roofline_prices_the_launches_that_run(bnr, monkeypatch, layout):
+    """The roofline model prices the Triton twin at the kernels it really launches (a
+    per-channel kernel before the passes that need one, a finalize kernel after each
+    reduction), in every mode: the launcher is wrapped to count them."""
+    from resattn_fast.roofline.trace import Tracer
+
+    launched = []
+    real = bnr._kernel
+
+    def counting(kernel, like):
+        launcher = real(kernel, like)
+
+        class _Counted:
+            def __getitem__(self, grid):
+                run = launcher[grid]
+
+                def go(*args, **kwargs):
+                    launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
+                    return run(*args, **kwargs)
+                return go
+        return _Counted()
+
+    monkeypatch.setattr(bnr, "_kernel", counting)
+    gen = torch.Generator().manual_seed(0)
+    x = _layout(torch.randn(2, 6, 5, 5, generator=gen), layout).to(DEVICE)
+    g = torch.randn(x.shape, generator=gen).to(DEVICE)
+    w, b = torch.rand(6, device=DEVICE) + 0.5, torch.randn(6, device=DEVICE)
+    rm, rv = torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)
+    ops = _ops()
+    _, mean, var = ops.batch_norm_relu_triton(x, w, b, rm, rv, True, 1e-5)
+    calls = {
+        "forward, training": lambda: ops.batch_norm_relu_triton(x, w, b, rm, rv, True, 1e-5),
+        "forward, eval": lambda: ops.batch_norm_relu_triton(x, w, b, rm, rv, False, 1e-5),
+        "running update": lambda: ops.batch_norm_update_stats_triton(
+            rm, rv, mean, var, 0.1, 50, torch.tensor(0, device=DEVICE)),
+        "backward, training": lambda: ops.batch_norm_relu_backward_triton(
+            g, x, w, b, mean, var, True, 1e-5, g, True),
+        "backward, eval": lambda: ops.batch_norm_relu_backward_triton(
+            g, x, w, b, mean, var, False, 1e-5, None, False),
+        "backward, eval, weight grads": lambda: ops.batch_norm_relu_backward_triton(
+            g, x, w, b, mean, var, False, 1e-5, None, True),
+    }
+    for what, call in calls.items():
+        launched.clear()
+        tracer = Tracer()
+        with tracer:
+            call()
+        priced = sum(r.launches for r in tracer.records if r.cls == "fused BN-ReLU")
+        assert launched and priced == len(launched), (what, [(r.op, r.launches) for r in tracer.records], launched)

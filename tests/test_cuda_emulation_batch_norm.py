@@ -219,14 +219,11 @@ def test_vector_width_and_layout_kernels(dtype, shape, layout, vec):
     tag = "cl" if layout == "channels_last" else "nchw"
     cl = "true" if layout == "channels_last" else "false"
     ran = kernels()
-    assert len(ran) == 7, ran
+    assert len(ran) == 4, ran
     assert re.fullmatch(rf"bn_stats_{tag}_kernel<.+, int, {vec}>", ran[0]), ran
-    assert ran[1].startswith("bn_stats_finalize_kernel<"), ran
-    assert re.fullmatch(rf"bn_relu_forward_kernel<.+, int, {vec}, {cl}>", ran[2]), ran
-    assert ran[3].startswith("bn_rows_kernel<"), ran
-    assert re.fullmatch(rf"bn_relu_grad_sums_{tag}_kernel<.+, int, {vec}>", ran[4]), ran
-    assert ran[5].startswith("bn_relu_grad_sums_finalize_kernel<"), ran
-    assert re.fullmatch(rf"bn_relu_backward_kernel<.+, int, {vec}, {cl}, true>", ran[6]), ran
+    assert re.fullmatch(rf"bn_relu_forward_kernel<.+, int, {vec}, {cl}>", ran[1]), ran
+    assert re.fullmatch(rf"bn_relu_grad_sums_{tag}_kernel<.+, int, {vec}>", ran[2]), ran
+    assert re.fullmatch(rf"bn_relu_backward_kernel<.+, int, {vec}, {cl}, true>", ran[3]), ran
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -234,8 +231,7 @@ def test_misaligned_pointers_fall_back_to_scalar(layout):
     fmt = CL if layout == "channels_last" else torch.contiguous_format
     x, g = _inputs((2, 8, 4, 4), torch.float32, fmt)
     _check(_offset(x, fmt), *_params(8, torch.float32), True, _offset(g, fmt))
-    assert all(re.search(r", 1(, (true|false))*>$", k) for k in kernels()
-               if "finalize" not in k and "rows" not in k), kernels()
+    assert kernels() and all(re.search(r", 1(, (true|false))*>$", k) for k in kernels()), kernels()
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -245,19 +241,25 @@ def test_int64_index_path(layout, training):
     x, g = _inputs((3, 8, 5, 4), torch.float32, fmt)
     with options(force_int64_index=True):
         _check(x, *_params(8, torch.float32), training, g, torch.randn(x.shape))
-    indexed = [k for k in kernels() if "finalize" not in k and "rows" not in k]
-    assert indexed and all(re.search(r"<float, long( int)?, ", k) for k in indexed), kernels()
+    assert kernels() and all(re.search(r"<float, long( int)?, ", k) for k in kernels()), kernels()
 
 
-def test_launch_counts_per_mode():
-    """Training: statistics (partials + finalize) and normalise; eval: one kernel. Backward:
-    the per-channel rows, sums (partials + finalize) and apply; in eval without weight grads
-    only the apply."""
-    x, g = _inputs((2, 4, 4, 4), torch.float32)
-    w, b, rm, rv = _params(4, torch.float32)
+@pytest.mark.parametrize("shape", [(2, 4, 4, 4), (9, 2, 48, 48)])  # one chunk per channel; two
+def test_launch_counts_per_mode(shape):
+    """One launch per pass over x (what the roofline prices): training forward, the
+    statistics (their finalize in the same kernel) and normalise; eval one kernel. Backward:
+    the sums (finalized in the same kernel) and apply; in eval without weight grads only
+    the apply."""
+    x, g = _inputs(shape, torch.float32)
+    w, b, rm, rv = _params(shape[1], torch.float32)
     ns().batch_norm_relu(x, w, b, rm, rv, True, EPS)
-    assert [k.split("<")[0] for k in kernels()] == [
-        "bn_stats_nchw_kernel", "bn_stats_finalize_kernel", "bn_relu_forward_kernel"]
+    assert [k.split("<")[0] for k in kernels()] == ["bn_stats_nchw_kernel", "bn_relu_forward_kernel"]
+    # The running update and the count inside the statistics kernel: no launch of their own.
+    _ext.EMULATED.clear_launches()
+    n = torch.tensor(0)
+    ns().batch_norm_relu_with_update(x, w, b, rm.clone(), rv.clone(), 0.1, EPS, n)
+    assert [k.split("<")[0] for k in kernels()] == ["bn_stats_nchw_kernel", "bn_relu_forward_kernel"]
+    assert n.item() == 1
     _ext.EMULATED.clear_launches()
     _, mean, var = ns().batch_norm_relu(x, w, b, rm, rv, False, EPS)
     assert [k.split("<")[0] for k in kernels()] == ["bn_relu_forward_kernel"]
@@ -266,9 +268,53 @@ def test_launch_counts_per_mode():
     assert [k.split("<")[0] for k in kernels()] == ["bn_relu_backward_kernel"]
     _ext.EMULATED.clear_launches()
     ns().batch_norm_relu_backward(g, x, w, b, mean, var, False, EPS, None, True)
-    assert [k.split("<")[0] for k in kernels()] == [
-        "bn_rows_kernel", "bn_relu_grad_sums_nchw_kernel", "bn_relu_grad_sums_finalize_kernel",
-        "bn_relu_backward_kernel"]
+    assert [k.split("<")[0] for k in kernels()] == ["bn_relu_grad_sums_nchw_kernel", "bn_relu_backward_kernel"]
+    _ext.EMULATED.clear_launches()
+    ns().batch_norm_relu_backward(g, x, w, b, mean, var, True, EPS, None, True)
+    assert [k.split("<")[0] for k in kernels()] == ["bn_relu_grad_sums_nchw_kernel", "bn_relu_backward_kernel"]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [(2, 4, 4, 4), (9, 2, 48, 48), (2, 3073, 1, 2)])
+def test_roofline_prices_the_launches_that_run(layout, shape):
+    """The roofline model's launch count of each fused call (resattn_fast/roofline/trace.py)
+    is the number of kernels these very kernels launch, in every mode: training and eval
+    forward, the running update, backward with and without weight gradients and the
+    shortcut's gradient; one and several chunks per channel; eval rows in shared memory or,
+    past 48 KiB, from a kernel of their own."""
+    from resattn_fast.roofline.trace import Tracer
+
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    x, g = _inputs(shape, torch.float32, fmt)
+    w, b, rm, rv = _params(shape[1], torch.float32)
+    many_channels = shape[1] > 3072  # only the eval passes (a reduction over 3073 channels is slow here)
+    _, mean, var = ns().batch_norm_relu(x, w, b, rm, rv, not many_channels, EPS)
+    count = x.numel() // x.shape[1]
+    rm_u, rv_u, n_u = rm.clone(), rv.clone(), torch.tensor(0)
+    calls = {
+        "forward, training": lambda: ns().batch_norm_relu(x, w, b, rm, rv, True, EPS),
+        "forward, eval": lambda: ns().batch_norm_relu(x, w, b, rm, rv, False, EPS),
+        "forward, training, with the running update": lambda: ns().batch_norm_relu_with_update(
+            x, w, b, rm_u, rv_u, 0.1, EPS, n_u),
+        "running update": lambda: ns().batch_norm_update_stats(rm, rv, mean, var, 0.1, count, torch.tensor(0)),
+        "backward, training": lambda: ns().batch_norm_relu_backward(g, x, w, b, mean, var, True, EPS, None, True),
+        "backward, training, shortcut": lambda: ns().batch_norm_relu_backward(
+            g, x, w, b, mean, var, True, EPS, g, True),
+        "backward, eval": lambda: ns().batch_norm_relu_backward(g, x, w, b, mean, var, False, EPS, None, False),
+        "backward, eval, weight grads": lambda: ns().batch_norm_relu_backward(
+            g, x, w, b, mean, var, False, EPS, None, True),
+    }
+    for what, call in calls.items():
+        if many_channels and what not in ("forward, eval", "backward, eval"):
+            continue
+        _ext.EMULATED.clear_launches()
+        tracer = Tracer(fused_namespaces=("resattn_fast_emulated",))
+        with tracer:
+            call()
+        priced = sum(r.launches for r in tracer.records)
+        assert priced == len(kernels()), (what, [(r.op, r.launches) for r in tracer.records], kernels())
+        if many_channels:
+            assert kernels()[0].startswith("bn_rows_kernel<"), kernels()
 
 
 @pytest.mark.parametrize("dtype,C,in_shared", [
@@ -327,8 +373,10 @@ def _all_outputs(x, g, w, b, rm, rv, training, residual=None):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_bit_identical_on_one_sm_and_many(layout):
-    """Several chunks per channel (partials combined in a fixed order): the same bits on a
-    1-SM device (one block loops over every item) as on a 64-SM one, and run to run."""
+    """Several chunks per channel (partials combined in a fixed order, by whichever block
+    finishes a channel last): the same bits on a 1-SM device (one block loops over every
+    item) as on a 64-SM one, and run to run (which also shows the arrival counters are left
+    at zero: a count left over would keep the next call from finalizing)."""
     fmt = CL if layout == "channels_last" else torch.contiguous_format
     x, g = _inputs((9, 2, 48, 48), torch.float32, fmt, seed=3) if layout == "nchw" else \
         _inputs((9, 8, 48, 48), torch.float32, fmt, seed=3)
@@ -345,9 +393,38 @@ def test_bit_identical_on_one_sm_and_many(layout):
             assert torch.equal(a, e)
     assert grids[1] == [1] * len(grids[1]) and max(grids[64]) > 1, grids
     assert all(torch.equal(a, e) for a, e in zip(_all_outputs(x, g, w, b, rm, rv, True), want))
-    # Several chunks per channel: a channel's partials are combined by the finalize kernel.
+    # Several chunks per channel: a channel's partials are combined by its last block.
     ref = _reference(x, w, b, rm, rv, True, g, None)
     torch.testing.assert_close(want[1].double(), ref[1], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,C", [(torch.float32, 136), (torch.float32, 135), (torch.float64, 66)])
+def test_channels_last_several_tiles_and_chunks(dtype, C):
+    """channels_last with more channel vectors than one block's columns (several tiles, the
+    last one partial) and several chunks of rows: each tile's last block finalizes its
+    channels, a warp per channel, on any device size."""
+    x, g = _inputs((2, C, 9, 9), dtype, CL, seed=5)
+    w, b, rm, rv = _params(C, dtype)
+    with options(multiprocessors=64, threads_per_multiprocessor=2048):
+        _check(x, w, b, rm, rv, True, g)
+        stats = launches()[0]
+        many = _all_outputs(x, g, w, b, rm, rv, True)
+    with options(multiprocessors=1, threads_per_multiprocessor=256):
+        one = _all_outputs(x, g, w, b, rm, rv, True)
+    assert all(torch.equal(a, e) for a, e in zip(one, many))
+    assert stats["kernel"].startswith("bn_stats_cl_kernel<"), stats
+    vec = 1 if C % (16 // x.element_size()) else 16 // x.element_size()
+    tiles = -(-(C // vec) // 32)
+    assert tiles >= 2 and stats["grid"][0] >= 2 * tiles, stats  # several tiles, chunks of rows
+    # The running update by each channel's finalizing block; the batch counted once.
+    rm1, rv1, n1 = rm.clone(), rv.clone(), torch.tensor(5)
+    ns().batch_norm_update_stats(rm1, rv1, many[1], many[2], 0.2, x.numel() // C, n1)
+    for sms, per_sm in ((1, 256), (64, 2048)):
+        with options(multiprocessors=sms, threads_per_multiprocessor=per_sm):
+            rm2, rv2, n2 = rm.clone(), rv.clone(), torch.tensor(5)
+            got = ns().batch_norm_relu_with_update(x, w, b, rm2, rv2, 0.2, EPS, n2)
+        assert all(torch.equal(a, e) for a, e in zip(list(got) + [rm2, rv2], many[:3] + [rm1, rv1]))
+        assert n2.item() == n1.item() == 6
 
 
 # ------------------------------------------------------------------ running statistics

@@ -1,4 +1,5 @@
-// CPU kernels of resattn_fast::batch_norm_relu, its backward and batch_norm_update_stats
+// CPU kernels of resattn_fast::batch_norm_relu, its backward, batch_norm_update_stats and
+// batch_norm_relu_with_update
 // (schemas in csrc/schemas.h): input checks, memory formats and the per-channel
 // coefficients (kernels/batch_norm_relu.h); the vectorised passes over x live in
 // batch_norm_relu_kernel.h.
@@ -215,6 +216,28 @@ void batch_norm_update_stats_cpu(const at::Tensor& running_mean, const at::Tenso
   });
 }
 
+// batch_norm_relu in training, then the running update from the statistics it computed:
+// the two functions above, in order (a CPU has no launches to save; the op exists so the
+// fast modules make one call on every backend). An empty x updates nothing but the count.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_with_update_cpu(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& running_mean, const at::Tensor& running_var, double momentum, double eps,
+    const std::optional<at::Tensor>& num_batches_tracked) {
+  check_batch_norm_relu_with_update_args(x, weight, bias, running_mean, running_var, eps,
+                                         num_batches_tracked);
+  check_cpu(running_mean, "running_mean");
+  auto result = batch_norm_relu_cpu(x, weight, bias, running_mean, running_var, true, eps);
+  if (x.numel() == 0) {
+    if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+      *num_batches_tracked->data_ptr<int64_t>() += 1;
+    }
+    return result;
+  }
+  batch_norm_update_stats_cpu(running_mean, running_var, std::get<1>(result), std::get<2>(result),
+                              momentum, x.numel() / x.size(1), num_batches_tracked);
+  return result;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace resattn
@@ -223,4 +246,5 @@ TORCH_LIBRARY_IMPL(resattn_fast, CPU, m) {
   m.impl("batch_norm_relu", &resattn::cpu::batch_norm_relu_cpu);
   m.impl("batch_norm_relu_backward", &resattn::cpu::batch_norm_relu_backward_cpu);
   m.impl("batch_norm_update_stats", &resattn::cpu::batch_norm_update_stats_cpu);
+  m.impl("batch_norm_relu_with_update", &resattn::cpu::batch_norm_relu_with_update_cpu);
 }

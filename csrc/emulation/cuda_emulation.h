@@ -27,6 +27,8 @@
 // - Every synchronisation (__syncthreads, the warp exchanges, the start and end of a block)
 //   goes through a mutex and a condition variable, which ThreadSanitizer understands: in
 //   the TSan build a shared-memory access that no barrier orders is reported as a race.
+// - atomicAdd on unsigned int is a real atomic; __threadfence() and __ldcg() exist for the
+//   kernels whose last block combines the others' partials (blocks run in sequence here).
 //
 // Not modelled (only a GPU shows them): the scheduling of warps (lanes run independently
 // between exchanges), the memory model beyond barriers, speed, the real device's limits
@@ -201,6 +203,21 @@ T __shfl_xor_sync(unsigned int mask, T var, int lane_mask, int width = warpSize)
 
 inline void __syncwarp(unsigned int mask = 0xffffffffu) {
   ::resattn::emu::warp_exchange("__syncwarp", mask, 0, ::resattn::emu::lane_id());
+}
+
+// ------------------------------------------------------------- atomics and fences
+// atomicAdd: a sequentially consistent host atomic (the threads of a block run
+// concurrently). __threadfence: nothing to do here, because blocks run one after another
+// and the end of a block is a synchronisation (the memory model beyond barriers is not
+// modelled; see the header comment).
+inline unsigned int atomicAdd(unsigned int* address, unsigned int val) {
+  return __atomic_fetch_add(address, val, __ATOMIC_SEQ_CST);
+}
+inline void __threadfence() {}
+// __ldcg (a load that bypasses the non-coherent L1 cache): a plain load.
+template <typename T>
+T __ldcg(const T* address) {
+  return *address;
 }
 
 // kernel<<<grid, block, shared_bytes, stream>>>(args...) is spelled

@@ -167,15 +167,21 @@ def attention_residual(
     return _compiled(chosen, trunk.device).attention_residual(mask_logits, trunk)
 
 
-def _bn_ops(backend: str, device: torch.device) -> Tuple[Any, Any, Any]:
-    """(forward, backward, update) ops of ``backend`` for batch_norm_relu."""
+def _bn_ops(backend: str, device: torch.device) -> Tuple[Any, Any, Any, Any]:
+    """(forward, backward, update, forward with update) ops of ``backend`` for batch_norm_relu."""
     if backend == "triton":
         _triton_ops()
         ns = torch.ops.resattn_fast
         return (ns.batch_norm_relu_triton.default, ns.batch_norm_relu_backward_triton.default,
-                ns.batch_norm_update_stats_triton.default)
+                ns.batch_norm_update_stats_triton.default, ns.batch_norm_relu_with_update_triton.default)
     ns = _compiled(backend, device)
-    return ns.batch_norm_relu.default, ns.batch_norm_relu_backward.default, ns.batch_norm_update_stats.default
+    return (ns.batch_norm_relu.default, ns.batch_norm_relu_backward.default,
+            ns.batch_norm_update_stats.default, ns.batch_norm_relu_with_update.default)
+
+
+def _bn_weight_grads(ctx: Any, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> bool:
+    need = ctx.needs_input_grad
+    return bool((weight is not None and need[1]) or (bias is not None and need[2]))
 
 
 class _BatchNormReLUIdentity(torch.autograd.Function):
@@ -186,10 +192,10 @@ class _BatchNormReLUIdentity(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                 running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
-                training: bool, eps: float, ops3: Tuple[Any, Any, Any]) -> Tuple[torch.Tensor, ...]:
-        out, mean, var = ops3[0](x, weight, bias, running_mean, running_var, training, eps)
+                training: bool, eps: float, ops: Tuple[Any, ...]) -> Tuple[torch.Tensor, ...]:
+        out, mean, var = ops[0](x, weight, bias, running_mean, running_var, training, eps)
         ctx.save_for_backward(x, weight, bias, mean, var)
-        ctx.training, ctx.eps, ctx.backward_op = training, eps, ops3[1]
+        ctx.training, ctx.eps, ctx.backward_op = training, eps, ops[1]
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
         return out, x.view_as(x), mean, var
@@ -201,13 +207,46 @@ class _BatchNormReLUIdentity(torch.autograd.Function):
             return (grad_identity,) + (None,) * 7
         x, weight, bias, mean, var = ctx.saved_tensors
         need = ctx.needs_input_grad
-        weight_grads = bool((weight is not None and need[1]) or (bias is not None and need[2]))
         grad_x, gw, gb = ctx.backward_op(grad, x, weight, bias, mean, var, ctx.training, ctx.eps,
-                                         grad_identity, weight_grads)
+                                         grad_identity, _bn_weight_grads(ctx, weight, bias))
         return (grad_x if need[0] else None,
                 gw if weight is not None and need[1] else None,
                 gb if bias is not None and need[2] else None,
                 None, None, None, None, None)
+
+
+class _BatchNormReLUWithUpdate(torch.autograd.Function):
+    """Training batch_norm_relu whose forward also updates the running statistics
+    (``batch_norm_relu_with_update``: on a GPU the update costs no launch of its own), with
+    batch_norm_relu's backward. A mutating op takes no register_autograd, hence this
+    Function. ``identity``: also hand x on as the unit's identity shortcut, whose gradient
+    the apply pass then adds (as _BatchNormReLUIdentity). ``state`` (not differentiated):
+    (ops, running_mean, running_var, momentum, num_batches_tracked)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                eps: float, identity: bool, state: Tuple[Any, ...]) -> Tuple[torch.Tensor, ...]:
+        ops4, running_mean, running_var, momentum, tracked = state
+        out, mean, var = ops4[3](x, weight, bias, running_mean, running_var, momentum, eps, tracked)
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.eps, ctx.identity, ctx.backward_op = eps, identity, ops4[1]
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
+        return (out, x.view_as(x), mean, var) if identity else (out, mean, var)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Optional[torch.Tensor], *others: Any) -> Tuple[Any, ...]:
+        grad_identity = others[0] if ctx.identity else None
+        if grad is None:  # the output was not used: only the identity's gradient passes
+            return (grad_identity,) + (None,) * 5
+        x, weight, bias, mean, var = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_x, gw, gb = ctx.backward_op(grad, x, weight, bias, mean, var, True, ctx.eps,
+                                         grad_identity, _bn_weight_grads(ctx, weight, bias))
+        return (grad_x if need[0] else None,
+                gw if weight is not None and need[1] else None,
+                gb if bias is not None and need[2] else None,
+                None, None, None)
 
 
 def _check_batch_size(x: torch.Tensor) -> None:
@@ -291,27 +330,44 @@ def _batch_norm_relu(x: torch.Tensor, running_mean: Optional[torch.Tensor],
     """batch_norm_relu on backend ``chosen`` without the argument checks: for callers whose
     arguments are a BatchNorm2d's own (resattn_fast.nn.bn_relu; the op's C++/Triton checks
     still run). ``num_batches_tracked``, when given, is incremented once (inside the
-    running-statistics update when there is one)."""
+    running-statistics update when there is one). In training with running statistics,
+    the update happens inside the forward op (batch_norm_relu_with_update), except under
+    torch.compile (batch_norm_relu, then batch_norm_update_stats)."""
     if chosen == "reference":
         if num_batches_tracked is not None:
             num_batches_tracked.add_(1)
         return _ref.batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum,
                                     eps, identity=identity)
-    ops3 = _bn_ops(chosen, x.device)
+    ops4 = _bn_ops(chosen, x.device)
     training, eps = bool(training), float(eps)
-    rm, rv = (None, None) if training else (running_mean, running_var)
-    if identity and torch.is_grad_enabled() and x.requires_grad:
-        out, ident, mean, var = _BatchNormReLUIdentity.apply(x, weight, bias, rm, rv, training, eps, ops3)
+    update = training and running_mean is not None and momentum != 0 and x.numel() > 0
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if update and not torch.compiler.is_compiling():
+        # The running update inside the forward op (its statistics kernel). Compiled, the
+        # functional op and the separate update below are traced instead: dynamo does not
+        # take an autograd.Function whose forward mutates its inputs' buffers.
+        state = (ops4, running_mean, running_var, float(momentum), num_batches_tracked)
+        if grad:
+            outs = _BatchNormReLUWithUpdate.apply(x, weight, bias, eps, identity, state)
+        else:
+            outs = ops4[3](x, weight, bias, running_mean, running_var, float(momentum), eps,
+                           num_batches_tracked)
+            outs = (outs[0], x) + tuple(outs[1:]) if identity else outs
+        out, ident, mean, var = outs if identity else (outs[0], x, outs[1], outs[2])
     else:
-        out, mean, var = ops3[0](x, weight, bias, rm, rv, training, eps)
-        ident = x
-    if training and running_mean is not None and momentum != 0 and x.numel() > 0:
-        ops3[2](running_mean, running_var, mean.detach(), var.detach(), float(momentum),
-                x.numel() // x.shape[1], num_batches_tracked)
-    elif num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+        rm, rv = (None, None) if training else (running_mean, running_var)
+        if identity and torch.is_grad_enabled() and x.requires_grad:
+            out, ident, mean, var = _BatchNormReLUIdentity.apply(x, weight, bias, rm, rv, training, eps, ops4)
+        else:
+            out, mean, var = ops4[0](x, weight, bias, rm, rv, training, eps)
+            ident = x
+        if update:
+            ops4[2](running_mean, running_var, mean.detach(), var.detach(), float(momentum),
+                    x.numel() // x.shape[1], num_batches_tracked)
+        elif num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
     if _recompute.active():
-        forward = ops3[0]
+        forward = ops4[0]
         x_, w_, b_, m_, v_ = x.detach(), weight, bias, mean.detach(), var.detach()
         _recompute.offer(out, lambda: forward(x_, w_, b_, m_, v_, False, eps)[0])
     return (out, ident) if identity else out

@@ -88,6 +88,14 @@ def batch_norm_update_stats_fake(running_mean: torch.Tensor, running_var: torch.
     return None
 
 
+def batch_norm_relu_with_update_fake(x: torch.Tensor, weight: Optional[torch.Tensor],
+                                     bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+                                     running_var: torch.Tensor, momentum: float, eps: float,
+                                     num_batches_tracked: Optional[torch.Tensor],
+                                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return batch_norm_relu_fake(x, weight, bias, running_mean, running_var, True, eps)
+
+
 # Autograd ------------------------------------------------------------------------------
 def register_upsample(forward: Any, backward: Any, *, fakes: bool = True) -> None:
     """``forward`` and ``backward`` are ops (OpOverload or CustomOpDef), callable. Wire ``forward(x, skip, size, align_corners)`` to ``backward(grad, input_size,
@@ -143,16 +151,21 @@ def register_attention(forward: Any, backward: Any, *, fakes: bool = True) -> No
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
 
-def register_batch_norm_relu(forward: Any, backward: Any, update: Any, *, fakes: bool = True) -> None:
+def register_batch_norm_relu(forward: Any, backward: Any, update: Any, with_update: Any, *,
+                             fakes: bool = True) -> None:
     """Wire ``forward(x, weight, bias, running_mean, running_var, training, eps)`` ->
     (out, mean, var) to ``backward(grad, x, weight, bias, mean, var, training, eps,
     grad_residual, weight_grads)`` -> (grad_x, grad_weight, grad_bias). Saved: x, weight,
     bias, mean, var (never the output). mean and var are not differentiable (they feed
-    the running statistics, ``update``). No double backward."""
+    the running statistics, ``update``). No double backward. ``with_update`` (training
+    forward and running update, a mutating op) gets its fake only: register_autograd
+    takes no mutating op, and resattn_fast.ops differentiates it with ``backward`` in an
+    autograd.Function."""
     if fakes:
         torch.library.register_fake(forward)(batch_norm_relu_fake)
         torch.library.register_fake(backward)(batch_norm_relu_backward_fake)
         torch.library.register_fake(update)(batch_norm_update_stats_fake)
+        torch.library.register_fake(with_update)(batch_norm_relu_with_update_fake)
 
     def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, ...]) -> None:
         x, weight, bias, _rm, _rv, training, eps = inputs
@@ -187,5 +200,6 @@ def register_compiled_ops(namespace: str = "resattn_fast") -> List[str]:
     register_upsample(ops.upsample_bilinear_add.default, ops.upsample_bilinear_add_backward.default)
     register_attention(ops.attention_residual.default, ops.attention_residual_backward.default)
     register_batch_norm_relu(ops.batch_norm_relu.default, ops.batch_norm_relu_backward.default,
-                             ops.batch_norm_update_stats.default)
+                             ops.batch_norm_update_stats.default,
+                             ops.batch_norm_relu_with_update.default)
     return ["upsample_bilinear_add", "attention_residual", "batch_norm_relu"]

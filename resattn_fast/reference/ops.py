@@ -86,3 +86,35 @@ def batch_norm_relu(
     """
     out = F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps))
     return (out, x) if identity else out
+
+
+def batch_norm_relu_with_update(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float,
+    eps: float,
+    num_batches_tracked: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The op ``batch_norm_relu_with_update`` in plain PyTorch: training ``relu(F.batch_norm(
+    x, ...))``, the running statistics updated in place as F.batch_norm updates them, and
+    ``num_batches_tracked += 1`` when given.
+
+    Returns:
+        (out, mean, var): out in x's dtype; the batch's mean and biased variance over
+        (N, H, W), (C,) in float32 (float64 for float64 x). An empty x leaves the running
+        statistics unchanged (its mean and var are zeros).
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if x.numel() == 0:
+        zeros = x.new_zeros((x.shape[1],), dtype=acc)
+        return torch.empty_like(x), zeros, zeros.clone()
+    xs = x.detach().to(acc)
+    mean = xs.mean((0, 2, 3))
+    var = xs.var((0, 2, 3), unbiased=False)
+    out = F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, True, momentum, eps))
+    return out, mean, var

@@ -29,12 +29,21 @@ Batch norm runs several kernels per op, and each is one record (``_batch_norm_pa
   ``batch_norm_backward_elemt`` (reads grad and x, writes grad_x); for an NCHW input the
   two run as one kernel (``batch_norm_backward_cuda_template``) that reads both tensors
   twice: the same bytes, one launch (the second record has 0 launches). Eval backward without weight gradients: one kernel.
-- fused (``resattn_fast::batch_norm_relu`` and its ``_triton`` twin): training forward =
-  a statistics kernel (reads x) then the normalise+ReLU kernel (reads x, writes out); eval
-  = that kernel alone. Backward (``batch_norm_relu_backward``) = the reduction (reads grad
-  and x) then the apply kernel (reads grad, x and grad_residual when given, writes
-  grad_x); in eval without weight gradients the apply kernel alone.
-  ``batch_norm_update_stats``: one kernel over the per-channel tensors.
+- fused (``resattn_fast::batch_norm_relu``, the CUDA kernels): training forward = the
+  statistics kernel (reads x; its last block per channel finalizes, in the same launch)
+  then the normalise+ReLU kernel (reads x, writes out); eval = that kernel alone.
+  Backward (``batch_norm_relu_backward``) = the reduction (reads grad and x, finalized in
+  the same launch) then the apply kernel (reads grad, x and grad_residual when given,
+  writes grad_x); in eval without weight gradients the apply kernel alone. An eval pass
+  with C in the thousands adds one small kernel for its rows. ``batch_norm_update_stats``:
+  one kernel over the per-channel tensors. ``batch_norm_relu_with_update`` (what the fast
+  modules call in training): the training forward's two kernels, the statistics kernel
+  also reading and writing the running statistics and num_batches_tracked (its
+  finalizing blocks update them: no kernel of its own). Each count is the launch log of the emulated
+  CUDA kernels (tests/test_cuda_emulation_batch_norm.py). The ``_triton`` twin moves the
+  same bytes in more launches: a per-channel kernel before the normalise pass (and before
+  the backward), and a finalize kernel after each reduction (training forward 3, eval 2;
+  backward 4, eval without weight gradients 2; with_update 3, its channel kernel updating).
 """
 
 from __future__ import annotations
@@ -112,7 +121,8 @@ _BY_NAME: Dict[str, str] = {
 }
 # Namespaces whose ops are this project's fused ops (tests register stand-ins elsewhere).
 FUSED_NAMESPACES = ("resattn_fast",)
-_FUSED_BN_OPS = ("batch_norm_relu", "batch_norm_relu_backward", "batch_norm_update_stats")
+_FUSED_BN_OPS = ("batch_norm_relu", "batch_norm_relu_backward", "batch_norm_update_stats",
+                 "batch_norm_relu_with_update")
 _EAGER_BN_FORWARD = {"native_batch_norm", "_native_batch_norm_legit", "_native_batch_norm_legit_no_training",
                      "_native_batch_norm_legit_functional", "_batch_norm_with_update",
                      "_batch_norm_with_update_functional", "_batch_norm_no_update"}
@@ -228,27 +238,48 @@ def _ts(*vals: Any) -> List[torch.Tensor]:
 _Pass = Tuple[str, List[torch.Tensor], List[torch.Tensor], int]
 
 
+def _eval_rows_launches(x: torch.Tensor) -> int:
+    """The fused op's eval passes keep each channel's row (4 values of the accumulation
+    dtype) in a block's shared memory up to 48 KiB; past that (C in the thousands), one
+    small kernel writes the rows first (kernels/batch_norm_relu.cu, eval_rows)."""
+    acc_bytes = 8 if x.dtype == torch.float64 else 4
+    return int(x.shape[1] * 4 * acc_bytes > 48 * 1024)
+
+
 def _batch_norm_passes(name: str, a: Dict[str, Any], out: Any, fused: bool) -> Optional[List[_Pass]]:
     """The kernels of a batch-norm op (eager ATen or the fused BN-ReLU ops); None for other ops.
     See the module docstring for the kernels each op runs."""
     outs = list(out) if isinstance(out, (list, tuple)) else [out]
     if fused:
         base = _fused_base(name)
+        # The Triton twin runs a per-channel kernel (the rows) before each pass over x
+        # that needs one, and finalizes each reduction in a kernel of its own.
+        triton = name.endswith("_triton")
         if base == "batch_norm_relu":
             y, mean, var = outs[:3]
             if a["training"]:
-                return [("(stats)", _ts(a["x"]), _ts(mean, var), 1),
+                return [("(stats)", _ts(a["x"]), _ts(mean, var), 2 if triton else 1),
                         ("(apply)", _ts(a["x"], a["weight"], a["bias"], mean, var), _ts(y), 1)]
             return [("", _ts(a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"]),
-                     _ts(y, mean, var), 1)]
+                     _ts(y, mean, var), 2 if triton else 1 + _eval_rows_launches(a["x"]))]
         if base == "batch_norm_relu_backward":
             gx, gw, gb = outs[:3]
             params = _ts(a["weight"], a["bias"], a["mean"], a["var"])
             apply_reads = _ts(a["grad"], a["x"], a["grad_residual"]) + params
+            # Eval: the apply pass makes its rows from the parameters (its own kernel past
+            # 48 KiB). Triton: the rows kernel first, and the reduction's finalize kernel.
+            apply_launches = 1 if a["training"] or triton else 1 + _eval_rows_launches(a["x"])
             if a["training"] or a["weight_grads"]:
-                return [("(reduce)", _ts(a["grad"], a["x"]) + params, _ts(gw, gb), 1),
-                        ("(apply)", apply_reads + _ts(gw, gb), _ts(gx), 1)]
-            return [("", apply_reads, _ts(gx), 1)]
+                return [("(reduce)", _ts(a["grad"], a["x"]) + params, _ts(gw, gb), 3 if triton else 1),
+                        ("(apply)", apply_reads + _ts(gw, gb), _ts(gx), apply_launches)]
+            return [("", apply_reads, _ts(gx), 2 if triton else apply_launches)]
+        if base == "batch_norm_relu_with_update":
+            # The statistics kernel's finalizing blocks also read and write the running
+            # statistics and num_batches_tracked: no launch of their own.
+            y, mean, var = outs[:3]
+            running = _ts(a["running_mean"], a["running_var"], a.get("num_batches_tracked"))
+            return [("(stats, update)", _ts(a["x"]) + running, _ts(mean, var) + running, 2 if triton else 1),
+                    ("(apply)", _ts(a["x"], a["weight"], a["bias"], mean, var), _ts(y), 1)]
         if base == "batch_norm_update_stats":  # num_batches_tracked += 1 in the same kernel
             running = _ts(a["running_mean"], a["running_var"], a.get("num_batches_tracked"))
             return [("", running + _ts(a["mean"], a["var"]), running, 1)]
@@ -304,11 +335,14 @@ class LiveStorages:
     each sweep checks the storages born in the last ``YOUNG`` ops (temporaries die young)
     and those the previous op read (autograd frees a node's saved tensors right after the
     node's backward, whose ops read them); a full sweep every ``FULL_EVERY`` ops catches
-    the rest, late by at most that many ops.
+    the rest, late by at most that many ops. At 32 the peaks of Attention-56 and
+    Attention-452 (batch 64) equal those of a sweep before every op (tests/test_roofline.py
+    checks it on attention56_cifar), at a quarter more tracing time; at 256 a death
+    found late raised the peak by up to 1% (and moved with unrelated changes in op count).
     """
 
     YOUNG = 64
-    FULL_EVERY = 256
+    FULL_EVERY = 32
 
     def __init__(self) -> None:
         from torch.multiprocessing.reductions import StorageWeakRef
@@ -506,7 +540,7 @@ class Tracer(TorchDispatchMode):
         if passes is not None:
             for suffix, rd, wr, n in passes:
                 self._emit(f"{key} {suffix}".rstrip(), cls, 0.0, rd, wr, n, dtype, False,
-                           reduction=suffix in ("(stats)", "(reduce)"))
+                           reduction=suffix in ("(stats)", "(stats, update)", "(reduce)"))
             return
         self._emit(key, cls, flops, reads, writes, launches, dtype, packet in flop_registry,
                    reduction=name in _REDUCTIONS)

@@ -143,6 +143,24 @@ def _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b, IS_FP64: tl.constexpr):
 
 
 @triton.jit
+def _update_running(rm_ptr, rv_ptr, cs, cmask, mean, var, count, momentum32, momentum64,
+                    IS_FP64: tl.constexpr):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance
+    var * count / (count - 1) into running_var (bn_update_running), in place, for channels
+    cs; math in float64 when IS_FP64 (float64 running statistics), else float32. Shared
+    by the update kernel and the channel kernel's fused update: the same bits."""
+    momentum = _scalar_arg(momentum32, momentum64, IS_FP64)
+    rm = acc(tl.load(rm_ptr + cs, mask=cmask, other=0.0), IS_FP64)
+    rv = acc(tl.load(rv_ptr + cs, mask=cmask, other=0.0), IS_FP64)
+    n = tl.zeros_like(rm) + tl.cast(count, rm.dtype)
+    unbiased = _div(var * n, n - 1.0, IS_FP64)
+    rm = momentum * mean + (1.0 - momentum) * rm
+    rv = momentum * unbiased + (1.0 - momentum) * rv
+    tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
+    tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
 def _divmod(a, d, INT64: tl.constexpr):
     """(a // d, a % d) of a scalar 0 <= a (int64 when INT64, < 2**53) by 0 < d < 2**31.
 
@@ -281,15 +299,19 @@ def _bn_stats_kernel(
 @triton.autotune(configs=_CHANNEL_CONFIGS, key=[])
 @triton.jit(do_not_specialize=["eps64"])
 def _bn_channel_kernel(
-    pmean_ptr, pm2_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, par_ptr,
-    C, M, S, CHUNK, eps32, eps64,
+    pmean_ptr, pm2_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, par_ptr, nbt_ptr,
+    C, M, S, CHUNK, eps32, eps64, momentum32, momentum64, update, has_nbt,
     TRAINING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
     WRITE_STATS: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """Per channel: the statistics (TRAINING: stage 2, the S chunk partials combined in
     chunk order, var = M2 / M; else read from rm/rv), written to mean/var when
     WRITE_STATS, and the parameter rows the elementwise passes read: par[0] = mean,
-    par[1] = weight * invstd, par[2] = bias, par[3] = invstd."""
+    par[1] = weight * invstd, par[2] = bias, par[3] = invstd. TRAINING with update != 0
+    (batch_norm_relu_with_update; running statistics of x's accumulation type): rm/rv
+    updated from the batch statistics with count M (_update_running), and with has_nbt,
+    program 0 adds one to num_batches_tracked. update and has_nbt are run-time flags:
+    no compiled variants of their own."""
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cmask = cs < C
     if TRAINING:
@@ -312,6 +334,12 @@ def _bn_channel_kernel(
     if WRITE_STATS:
         tl.store(mean_ptr + cs, mean, mask=cmask)
         tl.store(var_ptr + cs, var, mask=cmask)
+    if TRAINING:
+        if update != 0:
+            _update_running(rm_ptr, rv_ptr, cs, cmask, mean, var, M, momentum32, momentum64, IS_FP64)
+            if has_nbt != 0:
+                if tl.program_id(0) == 0:
+                    tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
     invstd = _invstd(var, _scalar_arg(eps32, eps64, IS_FP64), IS_FP64)
     if HAS_W:
         scale = acc(tl.load(w_ptr + cs, mask=cmask, other=0.0), IS_FP64) * invstd
@@ -505,17 +533,9 @@ def _bn_update_stats_kernel(
             tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cmask = cs < C
-    momentum = _scalar_arg(momentum32, momentum64, IS_FP64)
-    rm = acc(tl.load(rm_ptr + cs, mask=cmask, other=0.0), IS_FP64)
-    rv = acc(tl.load(rv_ptr + cs, mask=cmask, other=0.0), IS_FP64)
     mean = acc(tl.load(mean_ptr + cs, mask=cmask, other=0.0), IS_FP64)
     var = acc(tl.load(var_ptr + cs, mask=cmask, other=0.0), IS_FP64)
-    n = tl.zeros_like(rm) + tl.cast(count, rm.dtype)
-    unbiased = _div(var * n, n - 1.0, IS_FP64)
-    rm = momentum * mean + (1.0 - momentum) * rm
-    rv = momentum * unbiased + (1.0 - momentum) * rv
-    tl.store(rm_ptr + cs, rm.to(rm_ptr.dtype.element_ty), mask=cmask)
-    tl.store(rv_ptr + cs, rv.to(rv_ptr.dtype.element_ty), mask=cmask)
+    _update_running(rm_ptr, rv_ptr, cs, cmask, mean, var, count, momentum32, momentum64, IS_FP64)
 
 
 # ------------------------------------------------------------------------- host side
@@ -610,9 +630,9 @@ def _check_backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var
     _check_channel_vector(var, "var", x)
 
 
-def _check_update(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
-                  var: torch.Tensor, count: int, num_batches_tracked: Optional[torch.Tensor]) -> None:
-    """check_batch_norm_update_args of csrc/checks.h."""
+def _check_num_batches_tracked(num_batches_tracked: Optional[torch.Tensor],
+                               running_mean: torch.Tensor) -> None:
+    """check_num_batches_tracked of csrc/checks.h."""
     if num_batches_tracked is not None:
         n = num_batches_tracked
         if n.dtype != torch.int64 or n.numel() != 1:
@@ -621,6 +641,22 @@ def _check_update(running_mean: torch.Tensor, running_var: torch.Tensor, mean: t
         if n.device != running_mean.device:
             raise RuntimeError(f"resattn_fast: num_batches_tracked must be on running_mean's device "
                                f"({running_mean.device}), got {n.device}")
+
+
+def _check_running(running_mean: torch.Tensor, running_var: torch.Tensor,
+                   num_batches_tracked: Optional[torch.Tensor]) -> None:
+    """The running tensors' part of check_batch_norm_relu_with_update_args (csrc/checks.h;
+    _check_forward has checked their shape, device and dtype against x)."""
+    if running_mean.dtype != running_var.dtype:
+        raise RuntimeError(f"resattn_fast: running_mean and running_var must have the same "
+                           f"dtype, got {_dt(running_mean.dtype)} and {_dt(running_var.dtype)}")
+    _check_num_batches_tracked(num_batches_tracked, running_mean)
+
+
+def _check_update(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                  var: torch.Tensor, count: int, num_batches_tracked: Optional[torch.Tensor]) -> None:
+    """check_batch_norm_update_args of csrc/checks.h."""
+    _check_num_batches_tracked(num_batches_tracked, running_mean)
     C = running_mean.shape[0] if running_mean.dim() >= 1 else 0
     for t, name in ((running_mean, "running_mean"), (running_var, "running_var"),
                     (mean, "mean"), (var, "var")):
@@ -738,6 +774,16 @@ def batch_norm_relu_triton(x: torch.Tensor, weight: Optional[torch.Tensor],
     running statistics (batch_norm_update_stats does). Also the op's fake kernel (only
     torch ops and ``wrap_triton`` launches, which do nothing on fake tensors)."""
     _check_forward(x, weight, bias, running_mean, running_var, training, eps)
+    return _forward(x, weight, bias, running_mean, running_var, training, eps, None)
+
+
+def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+             running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+             training: bool, eps: float, update: Optional[Tuple[float, Optional[torch.Tensor]]],
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """batch_norm_relu_triton after its checks; ``update`` = (momentum, num_batches_tracked):
+    training only, running statistics of x's accumulation type, x not empty: the channel
+    kernel also updates running_mean/var (in place) and counts the batch."""
     weight, bias = _vec(weight), _vec(bias)
     running_mean, running_var = _vec(running_mean), _vec(running_var)
     _check_plane(x)
@@ -755,6 +801,7 @@ def batch_norm_relu_triton(x: torch.Tensor, weight: Optional[torch.Tensor],
     is_fp64 = x.dtype == torch.float64
     int64 = needs_int64(xd)
     par = torch.empty((_PAR_ROWS, C), dtype=accd, device=x.device)
+    momentum, nbt = update if update is not None else (0.0, None)
     with device_guard(x):
         if training:
             chunk, S = _chunks(C, M, cl)
@@ -764,7 +811,10 @@ def batch_norm_relu_triton(x: torch.Tensor, weight: Optional[torch.Tensor],
                 xd, pmean, pm2, C, HW, M, chunk,
                 CHANNELS_LAST=cl, IS_FP64=is_fp64, INT64=int64,
             )
-            rm, rv = pmean, pm2  # never read in training: any valid pointer will do
+            if update is None:
+                rm, rv = pmean, pm2  # never read in training without update: any valid pointer
+            else:
+                rm, rv = running_mean, running_var  # contiguous (_vec): updated in place
         else:
             chunk, S = 1, 1
             pmean = pm2 = par
@@ -772,7 +822,8 @@ def batch_norm_relu_triton(x: torch.Tensor, weight: Optional[torch.Tensor],
         _kernel(_bn_channel_kernel, x)[_channel_grid(C)](
             pmean, pm2, rm, rv,
             weight if weight is not None else par, bias if bias is not None else par,
-            mean, var, par, C, M, S, chunk, float(eps), _bits(eps),
+            mean, var, par, nbt if nbt is not None else par, C, M, S, chunk, float(eps), _bits(eps),
+            float(momentum), _bits(momentum), int(update is not None), int(nbt is not None),
             TRAINING=bool(training), HAS_W=weight is not None, HAS_B=bias is not None,
             WRITE_STATS=True, IS_FP64=is_fp64,
         )
@@ -782,6 +833,47 @@ def batch_norm_relu_triton(x: torch.Tensor, weight: Optional[torch.Tensor],
                 CHANNELS_LAST=cl, IS_FP64=is_fp64, INT64=int64,
             )
     return out, mean, var
+
+
+def _with_update_kwargs() -> Dict[str, Any]:
+    kwargs = triton_op_kwargs("(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, "
+                              "Tensor(b!) running_var, float momentum, float eps, "
+                              "Tensor(c!)? num_batches_tracked) -> (Tensor, Tensor, Tensor)")
+    kwargs["mutates_args"] = ("running_mean", "running_var", "num_batches_tracked")
+    return kwargs
+
+
+@torch.library.triton_op("resattn_fast::batch_norm_relu_with_update_triton", **_with_update_kwargs())
+def batch_norm_relu_with_update_triton(
+    x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float, eps: float,
+    num_batches_tracked: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """batch_norm_relu_triton(training=True) and batch_norm_update_stats_triton in one call:
+    the channel kernel that finalizes the statistics also updates the running statistics
+    and num_batches_tracked (no launch of its own), with count = N*H*W. An empty x leaves
+    the running statistics as they are and still counts the batch. Running statistics of
+    float32 with float64 x (the one mix whose update math differs from x's) take the
+    separate update kernel, with the same results. Forward only (see
+    resattn_fast.ops.batch_norm_relu for autograd)."""
+    _check_forward(x, weight, bias, running_mean, running_var, True, eps)
+    _check_running(running_mean, running_var, num_batches_tracked)
+    if x.numel() == 0:
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        return _forward(x, weight, bias, None, None, True, eps, None)
+    if (x.dtype == torch.float64) != (running_mean.dtype == torch.float64):
+        out, mean, var = _forward(x, weight, bias, None, None, True, eps, None)
+        _update(running_mean, running_var, mean, var, momentum, x.numel() // x.shape[1],
+                num_batches_tracked)
+        return out, mean, var
+    rm, rv = _vec(running_mean), _vec(running_var)
+    result = _forward(x, weight, bias, rm, rv, True, eps, (momentum, num_batches_tracked))
+    if rm is not running_mean:
+        running_mean.copy_(rm)
+    if rv is not running_var:
+        running_var.copy_(rv)
+    return result
 
 
 @torch.library.triton_op(
@@ -842,7 +934,7 @@ def batch_norm_relu_backward_triton(
         _kernel(_bn_channel_kernel, x)[_channel_grid(C)](
             par, par, mean, var,
             weight if weight is not None else par, bias if bias is not None else par,
-            par, par, par, C, M, 1, 1, float(eps), _bits(eps),
+            par, par, par, par, C, M, 1, 1, float(eps), _bits(eps), 0.0, 0, 0, 0,
             TRAINING=False, HAS_W=weight is not None, HAS_B=bias is not None,
             WRITE_STATS=False, IS_FP64=is_fp64,
         )
@@ -887,6 +979,13 @@ def batch_norm_update_stats_triton(running_mean: torch.Tensor, running_var: torc
     running_mean, running_var, mean, var: (C,) on one device; count: the values per
     channel (N*H*W), > 1; num_batches_tracked: one int64 value."""
     _check_update(running_mean, running_var, mean, var, count, num_batches_tracked)
+    _update(running_mean, running_var, mean, var, momentum, count, num_batches_tracked)
+
+
+def _update(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+            var: torch.Tensor, momentum: float, count: int,
+            num_batches_tracked: Optional[torch.Tensor]) -> None:
+    """batch_norm_update_stats_triton after its checks."""
     C = running_mean.shape[0]
     has_nbt = num_batches_tracked is not None
     if C == 0 and not has_nbt:
@@ -906,10 +1005,11 @@ def batch_norm_update_stats_triton(running_mean: torch.Tensor, running_var: torc
         running_var.copy_(rv)
 
 
-for _op in (batch_norm_relu_triton, batch_norm_relu_backward_triton, batch_norm_update_stats_triton):
+for _op in (batch_norm_relu_triton, batch_norm_relu_backward_triton, batch_norm_update_stats_triton,
+            batch_norm_relu_with_update_triton):
     opaque_when_interpreted(_op)
 _registry.register_batch_norm_relu(batch_norm_relu_triton, batch_norm_relu_backward_triton,
-                                   batch_norm_update_stats_triton,
+                                   batch_norm_update_stats_triton, batch_norm_relu_with_update_triton,
                                    fakes=needs_fake(batch_norm_relu_triton))
 
 
@@ -929,6 +1029,17 @@ def batch_norm_relu_backward(grad: torch.Tensor, x: torch.Tensor, weight: Option
     batch_norm_relu_backward_triton."""
     return batch_norm_relu_backward_triton(grad, x, weight, bias, mean, var, bool(training),
                                            float(eps), grad_residual, bool(weight_grads))
+
+
+def batch_norm_relu_with_update(x: torch.Tensor, weight: Optional[torch.Tensor],
+                                bias: Optional[torch.Tensor], running_mean: torch.Tensor,
+                                running_var: torch.Tensor, momentum: float, eps: float,
+                                num_batches_tracked: Optional[torch.Tensor] = None,
+                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training forward and running update on the Triton kernels; see
+    batch_norm_relu_with_update_triton."""
+    return batch_norm_relu_with_update_triton(x, weight, bias, running_mean, running_var,
+                                              float(momentum), float(eps), num_batches_tracked)
 
 
 def batch_norm_update_stats(running_mean: torch.Tensor, running_var: torch.Tensor,

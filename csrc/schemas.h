@@ -45,8 +45,8 @@ inline void define_schemas(torch::Library& m) {
       "Tensor var, float momentum, int count, Tensor(c!)? num_batches_tracked) -> ()");
   // Training batch_norm_relu and batch_norm_update_stats in one call: (out, mean, var) as
   // batch_norm_relu(training=true), and the running statistics (and num_batches_tracked)
-  // updated from the batch's statistics where they are computed (the CUDA kernels: by the
-  // block that finalizes each channel; no launch of its own), with count = N*H*W; an
+  // updated from the batch's statistics in the same launches (the CUDA kernels: by the
+  // normalise kernel's first block; no launch of its own), with count = N*H*W; an
   // empty x leaves them unchanged and still counts the batch. Forward only (mutable ops
   // take no register_autograd): resattn_fast.ops.batch_norm_relu differentiates it with
   // batch_norm_relu_backward.

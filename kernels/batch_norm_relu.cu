@@ -40,7 +40,7 @@
 // eval pass with C in the thousands adds one small kernel for its rows; see eval_rows.)
 // batch_norm_update_stats: one kernel for both running tensors and num_batches_tracked.
 // batch_norm_relu_with_update: the training forward's two launches, the running update
-// done by the statistics kernel's finalizing blocks (no launch of its own).
+// done by the normalise kernel's first block (no launch of its own).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -244,15 +244,17 @@ __device__ __forceinline__ ChannelCoef<at::opmath_type<scalar_t>> channel_coef(
 }
 
 // ------------------------------------------------------------ single-launch reductions
-// batch_norm_relu_with_update: the running statistics that the block finalizing each
-// channel updates (mean == nullptr: none). Float32, or x's dtype (is_float false).
+// batch_norm_relu_with_update: the running statistics the normalise kernel's first block
+// updates from the batch's (mean == nullptr: none). Float32, or x's dtype (is_float false).
 struct RunningUpdate {
   void* mean;
   void* var;
   bool is_float;
   double momentum;
   int64_t count;                 // N * H * W
-  int64_t* num_batches_tracked;  // nullptr: none; else channel 0's finalizer adds one
+  int64_t* num_batches_tracked;  // nullptr: none; else the update of channel 0 adds one
+  const void* batch_mean;        // (C,) acc_t: the statistics kernel's mean and biased var
+  const void* batch_var;
 };
 
 // Where the block that finishes a tile writes the reduction's per-channel results.
@@ -266,7 +268,6 @@ struct ReduceOut {
   acc_t inv_count;          // 1 / (N * H * W), for the sums' rows
   unsigned int* counters;   // one per tile, zero between launches (reduction_counters)
   int64_t C;
-  RunningUpdate run;        // statistics only
 };
 
 // One channel's running statistics in run_t's accumulation dtype: bn_update_stats_kernel's
@@ -380,7 +381,6 @@ __device__ __forceinline__ void finalize_stats_channel(const Welford<at::opmath_
     row[1] = out.p.weight.load(c, acc_t(1)) * invstd;
     row[2] = out.p.bias.load(c, acc_t(0));
     row[3] = invstd;
-    if (out.run.mean != nullptr) update_running<scalar_t>(out.run, c, mu, v);
   }
 }
 
@@ -559,15 +559,23 @@ struct ChannelWalk {
 // `inner` is hwv (NCHW) or cvs (channels_last). Per-channel rows (mean, scale, bias) from
 // the statistics kernels in training; in eval computed per block into shared memory (or by
 // bn_rows_kernel), and block 0 also writes the statistics it normalised with into
-// mean_out / var_out (the op's new (C,) outputs).
+// mean_out / var_out (the op's new (C,) outputs). With `run` (batch_norm_relu_with_update),
+// block 0 first updates the running statistics from the batch's: here rather than in the
+// statistics kernel's finalize, where the double-precision division's slow-path call
+// would cost the reduction loop a stack frame (sm_90).
 template <typename scalar_t, typename index_t, int VEC, bool kCL>
 __global__ void __launch_bounds__(kThreads) bn_relu_forward_kernel(
     const scalar_t* __restrict__ x, scalar_t* __restrict__ out, BnParams<scalar_t> p,
     const at::opmath_type<scalar_t>* __restrict__ global_rows, index_t C, index_t inner,
     Stride<index_t> step, int64_t nvec, at::opmath_type<scalar_t>* __restrict__ mean_out,
-    at::opmath_type<scalar_t>* __restrict__ var_out) {
+    at::opmath_type<scalar_t>* __restrict__ var_out, RunningUpdate run) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
+  if (run.mean != nullptr && blockIdx.x == 0) {
+    const acc_t* bm = static_cast<const acc_t*>(run.batch_mean);
+    const acc_t* bv = static_cast<const acc_t*>(run.batch_var);
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) update_running<scalar_t>(run, c, bm[c], bv[c]);
+  }
   if (mean_out != nullptr && blockIdx.x == 0) {
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
       mean_out[c] = p.mean.load(c, acc_t(0));
@@ -959,7 +967,7 @@ struct RunningArgs {
 };
 
 // batch_norm_relu; with `update` (training only), also the running statistics, updated by
-// the statistics kernel's finalizing blocks.
+// the normalise kernel's first block.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     const at::Tensor& x_in, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
@@ -1012,13 +1020,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
           at::Tensor ws = partials_workspace<scalar_t, Welford<acc_t>>(x, plan, C);
           auto* part = reinterpret_cast<Welford<acc_t>*>(ws.data_ptr<acc_t>());
           rows = at::empty({C * kFwdRow}, x.options().dtype(acc_dtype(x)));
-          RunningUpdate run{nullptr, nullptr, false, 0.0, N * HW, nullptr};
-          if (update != nullptr) {
-            run = {update->mean.data_ptr(), update->var.data_ptr(), update->mean.scalar_type() == at::kFloat,
-                   update->momentum, N * HW, update->num_batches_tracked};
-          }
           const ReduceOut<scalar_t> fin{p, mp, vp, rows.data_ptr<acc_t>(), acc_t(0),
-                                        reduction_counters(x, plan.tiles, stream), C, run};
+                                        reduction_counters(x, plan.tiles, stream), C};
           if (cl) {
             const size_t smem = kFlagBytes + sizeof(Welford<acc_t>) * kWarpsPerBlock * plan.tx * VEC;
             RESATTN_LAUNCH(num_blocks(plan.items * kThreads), dim3(plan.tx, plan.ty), smem, stream,
@@ -1039,12 +1042,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
         const int64_t nvec = x.numel() / VEC;
         const unsigned int blocks = num_blocks(nvec);
         const int64_t inner = cl ? cvs : HW / VEC;
+        RunningUpdate run{nullptr, nullptr, false, 0.0, N * HW, nullptr, nullptr, nullptr};
+        if (update != nullptr) {
+          run = {update->mean.data_ptr(), update->var.data_ptr(), update->mean.scalar_type() == at::kFloat,
+                 update->momentum, N * HW, update->num_batches_tracked, mp, vp};
+        }
         RESATTN_DISPATCH_CL(cl, [&] {
           RESATTN_LAUNCH(blocks, kThreads, rows_smem, stream,
                          bn_relu_forward_kernel<scalar_t, index_t, VEC, kCL>)(
               xp, op, p, rows.defined() ? rows.data_ptr<acc_t>() : nullptr, static_cast<index_t>(C),
               static_cast<index_t>(inner), grid_stride<index_t>(blocks, inner, C), nvec,
-              training ? nullptr : mp, training ? nullptr : vp);
+              training ? nullptr : mp, training ? nullptr : vp, run);
           RESATTN_KERNEL_LAUNCH_CHECK();
         });
       });
@@ -1062,8 +1070,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cuda(
   return batch_norm_relu_forward(x, weight, bias, running_mean, running_var, training, eps, nullptr);
 }
 
-// Training forward and the running update in the same launches (the statistics kernel's
-// finalizing blocks update each channel; channel 0's also counts the batch).
+// Training forward and the running update in the same launches (the normalise kernel's
+// first block updates every channel from the batch statistics and counts the batch).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_with_update_cuda(
     const at::Tensor& x, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,

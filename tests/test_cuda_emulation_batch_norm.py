@@ -416,7 +416,7 @@ def test_channels_last_several_tiles_and_chunks(dtype, C):
     vec = 1 if C % (16 // x.element_size()) else 16 // x.element_size()
     tiles = -(-(C // vec) // 32)
     assert tiles >= 2 and stats["grid"][0] >= 2 * tiles, stats  # several tiles, chunks of rows
-    # The running update by each channel's finalizing block; the batch counted once.
+    # The running update (the normalise kernel's first block); the batch counted once.
     rm1, rv1, n1 = rm.clone(), rv.clone(), torch.tensor(5)
     ns().batch_norm_update_stats(rm1, rv1, many[1], many[2], 0.2, x.numel() // C, n1)
     for sms, per_sm in ((1, 256), (64, 2048)):

@@ -227,10 +227,10 @@ def test_fused_batch_norm_relu_counted_by_hand(training: bool) -> None:
             ("batch_norm_relu (apply)", "forward", X + 4 * P, X, 1),
             # the running update and num_batches_tracked += 1: one small kernel, in place
             ("batch_norm_update_stats", "forward", 4 * P + 8, 2 * P + 8, 1),
-            # both in one op: the statistics kernel also reads and writes the running
-            # statistics and the count (no kernel of its own), then normalise+ReLU
-            ("batch_norm_relu_with_update (stats, update)", "forward", X + 2 * P + 8, 4 * P + 8, 1),
-            ("batch_norm_relu_with_update (apply)", "forward", X + 4 * P, X, 1),
+            # both in one op: the statistics, then normalise+ReLU, whose first block also
+            # reads and writes the running statistics and the count (no kernel of its own)
+            ("batch_norm_relu_with_update (stats)", "forward", X, 2 * P, 1),
+            ("batch_norm_relu_with_update (apply, update)", "forward", X + 6 * P + 8, X + 2 * P + 8, 1),
             # backward: the reduction (reads grad and x), then apply (reads grad, x; writes grad_x)
             ("batch_norm_relu_backward (reduce)", "backward", 2 * X + 4 * P, 2 * P, 1),
             ("batch_norm_relu_backward (apply)", "backward", 2 * X + 6 * P, X, 1),

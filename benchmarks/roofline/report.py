@@ -411,7 +411,10 @@ def write_roofline(run: RooflineRun, out_dir: str) -> Dict[str, str]:
               "(reads grad and x; finalized in the same launch) then apply (reads grad, x and, where the "
               "unit's input feeds the identity shortcut, its gradient; writes grad_x); "
               "`batch_norm_update_stats` one small kernel (the running statistics and the module's "
-              "`num_batches_tracked += 1`, which eager runs as a kernel of its own).",
+              "`num_batches_tracked += 1`, which eager runs as a kernel of its own); "
+              "`batch_norm_relu_with_update` (the fast modules in training) the training forward's two "
+              "kernels, the normalise kernel's first block also updating the running statistics and the "
+              "count (no kernel of its own).",
               "- Not modelled: caches (L2 reuse between kernels, e.g. a statistics pass and the elementwise "
               "pass that follows it on a tensor that fits in L2), cuDNN's algorithm choices, the CPU side "
               "of eager dispatch, PyTorch's CUDA upsample backward zero-filling grad_x and scattering with "

@@ -37,9 +37,9 @@ Batch norm runs several kernels per op, and each is one record (``_batch_norm_pa
   writes grad_x); in eval without weight gradients the apply kernel alone. An eval pass
   with C in the thousands adds one small kernel for its rows. ``batch_norm_update_stats``:
   one kernel over the per-channel tensors. ``batch_norm_relu_with_update`` (what the fast
-  modules call in training): the training forward's two kernels, the statistics kernel
-  also reading and writing the running statistics and num_batches_tracked (its
-  finalizing blocks update them: no kernel of its own). Each count is the launch log of the emulated
+  modules call in training): the training forward's two kernels, the normalise kernel
+  also reading and writing the running statistics and num_batches_tracked (its first
+  block updates them: no kernel of its own). Each count is the launch log of the emulated
   CUDA kernels (tests/test_cuda_emulation_batch_norm.py). The ``_triton`` twin moves the
   same bytes in more launches: a per-channel kernel before the normalise pass (and before
   the backward), and a finalize kernel after each reduction (training forward 3, eval 2;
@@ -274,12 +274,16 @@ def _batch_norm_passes(name: str, a: Dict[str, Any], out: Any, fused: bool) -> O
                         ("(apply)", apply_reads + _ts(gw, gb), _ts(gx), apply_launches)]
             return [("", apply_reads, _ts(gx), 2 if triton else apply_launches)]
         if base == "batch_norm_relu_with_update":
-            # The statistics kernel's finalizing blocks also read and write the running
-            # statistics and num_batches_tracked: no launch of their own.
+            # The running statistics and num_batches_tracked are read and written by a kernel
+            # the op runs anyway (CUDA: the normalise kernel's first block; Triton: its
+            # channel kernel, part of the statistics): no launch of their own.
             y, mean, var = outs[:3]
             running = _ts(a["running_mean"], a["running_var"], a.get("num_batches_tracked"))
-            return [("(stats, update)", _ts(a["x"]) + running, _ts(mean, var) + running, 2 if triton else 1),
-                    ("(apply)", _ts(a["x"], a["weight"], a["bias"], mean, var), _ts(y), 1)]
+            stats_io = (running, running) if triton else ([], [])
+            apply_io = ([], []) if triton else (running, running)
+            return [("(stats)", _ts(a["x"]) + stats_io[0], _ts(mean, var) + stats_io[1], 2 if triton else 1),
+                    ("(apply, update)", _ts(a["x"], a["weight"], a["bias"], mean, var) + apply_io[0],
+                     _ts(y) + apply_io[1], 1)]
         if base == "batch_norm_update_stats":  # num_batches_tracked += 1 in the same kernel
             running = _ts(a["running_mean"], a["running_var"], a.get("num_batches_tracked"))
             return [("", running + _ts(a["mean"], a["var"]), running, 1)]
@@ -540,7 +544,7 @@ class Tracer(TorchDispatchMode):
         if passes is not None:
             for suffix, rd, wr, n in passes:
                 self._emit(f"{key} {suffix}".rstrip(), cls, 0.0, rd, wr, n, dtype, False,
-                           reduction=suffix in ("(stats)", "(stats, update)", "(reduce)"))
+                           reduction=suffix in ("(stats)", "(reduce)"))
             return
         self._emit(key, cls, flops, reads, writes, launches, dtype, packet in flop_registry,
                    reduction=name in _REDUCTIONS)

@@ -835,15 +835,19 @@ def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     return out, mean, var
 
 
-def _with_update_kwargs() -> Dict[str, Any]:
-    kwargs = triton_op_kwargs("(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, "
-                              "Tensor(b!) running_var, float momentum, float eps, "
-                              "Tensor(c!)? num_batches_tracked) -> (Tensor, Tensor, Tensor)")
+def _running_update_kwargs(schema: str) -> Dict[str, Any]:
+    """triton_op keywords of an op that updates the running statistics and the count in place."""
+    kwargs = triton_op_kwargs(schema)
     kwargs["mutates_args"] = ("running_mean", "running_var", "num_batches_tracked")
     return kwargs
 
 
-@torch.library.triton_op("resattn_fast::batch_norm_relu_with_update_triton", **_with_update_kwargs())
+@torch.library.triton_op(
+    "resattn_fast::batch_norm_relu_with_update_triton",
+    **_running_update_kwargs("(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!) running_mean, "
+                             "Tensor(b!) running_var, float momentum, float eps, "
+                             "Tensor(c!)? num_batches_tracked) -> (Tensor, Tensor, Tensor)"),
+)
 def batch_norm_relu_with_update_triton(
     x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
     running_mean: torch.Tensor, running_var: torch.Tensor, momentum: float, eps: float,
@@ -961,15 +965,12 @@ def batch_norm_relu_backward_triton(
     return grad_x, grad_weight, grad_bias
 
 
-def _update_kwargs() -> Dict[str, Any]:
-    kwargs = triton_op_kwargs("(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
-                              "Tensor var, float momentum, int count, "
-                              "Tensor(c!)? num_batches_tracked) -> ()")
-    kwargs["mutates_args"] = ("running_mean", "running_var", "num_batches_tracked")
-    return kwargs
-
-
-@torch.library.triton_op("resattn_fast::batch_norm_update_stats_triton", **_update_kwargs())
+@torch.library.triton_op(
+    "resattn_fast::batch_norm_update_stats_triton",
+    **_running_update_kwargs("(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, "
+                             "Tensor var, float momentum, int count, "
+                             "Tensor(c!)? num_batches_tracked) -> ()"),
+)
 def batch_norm_update_stats_triton(running_mean: torch.Tensor, running_var: torch.Tensor,
                                    mean: torch.Tensor, var: torch.Tensor, momentum: float,
                                    count: int, num_batches_tracked: Optional[torch.Tensor]) -> None:

@@ -92,6 +92,8 @@ ACC_PTR_ARGS = ("pmean_ptr", "pm2_ptr", "par_ptr", "pdy_ptr", "pdyx_ptr", "coef_
 PARAM_PTR_ARGS = ("w_ptr", "b_ptr", "rm_ptr", "rv_ptr", "gw_ptr", "gb_ptr")
 # int64 pointers: num_batches_tracked.
 INT64_PTR_ARGS = ("nbt_ptr",)
+# int32 pointers: the reductions' tile counters (_arrive_last).
+INT32_PTR_ARGS = ("cnt_ptr",)
 # What the headline benchmarks run (--hot): stage-1 shapes, skip, align_corners=True,
 # 32-bit offsets, float32 and bfloat16, NCHW and channels_last.
 HOT = {"HAS_SKIP": True, "ALIGN": True, "INT64": False, "TRAINING": True, "HAS_W": True,
@@ -214,6 +216,8 @@ def _variant(module: str, name: str, fn: Any, cfg: Any, dtype: str, flags: List[
             sig[p.name] = "constexpr"
         elif p.name in INT64_PTR_ARGS:
             sig[p.name] = "*i64"
+        elif p.name in INT32_PTR_ARGS:
+            sig[p.name] = "*i32"
         elif p.name in ACC_PTR_ARGS or p.name in PARAM_PTR_ARGS:
             sig[p.name] = "*fp64" if dtype == "float64" else "*fp32"
         elif p.name.endswith("_ptr"):

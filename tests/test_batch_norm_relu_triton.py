@@ -472,9 +472,9 @@ def test_update_stats_errors(bnr):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_roofline_prices_the_launches_that_run(bnr, monkeypatch, layout):
-    """The roofline model prices the Triton twin at the kernels it really launches (a
-    per-channel kernel before the passes that need one, a finalize kernel after each
-    reduction), in every mode: the launcher is wrapped to count them."""
+    """The roofline model prices the Triton twin at the kernels it really launches (each
+    reduction finalized in its own launch; a per-channel kernel before an eval pass with
+    no reduction), in every mode: the launcher is wrapped to count them."""
     from resattn_fast.roofline.trace import Tracer
 
     launched = []
@@ -504,6 +504,8 @@ def test_roofline_prices_the_launches_that_run(bnr, monkeypatch, layout):
     calls = {
         "forward, training": lambda: ops.batch_norm_relu_triton(x, w, b, rm, rv, True, 1e-5),
         "forward, eval": lambda: ops.batch_norm_relu_triton(x, w, b, rm, rv, False, 1e-5),
+        "forward, training, with update": lambda: ops.batch_norm_relu_with_update_triton(
+            x, w, b, rm, rv, 0.1, 1e-5, torch.tensor(0, device=DEVICE)),
         "running update": lambda: ops.batch_norm_update_stats_triton(
             rm, rv, mean, var, 0.1, 50, torch.tensor(0, device=DEVICE)),
         "backward, training": lambda: ops.batch_norm_relu_backward_triton(
@@ -520,3 +522,66 @@ def test_roofline_prices_the_launches_that_run(bnr, monkeypatch, layout):
             call()
         priced = sum(r.launches for r in tracer.records if r.cls == "fused BN-ReLU")
         assert launched and priced == len(launched), (what, [(r.op, r.launches) for r in tracer.records], launched)
+
+
+def _forward_backward(x, w, b, rm, rv, g, training, with_update):
+    ops = _ops()
+    rm, rv = rm.clone(), rv.clone()
+    nbt = torch.tensor(3, device=DEVICE)
+    if with_update:
+        out, mean, var = ops.batch_norm_relu_with_update_triton(x, w, b, rm, rv, 0.1, EPS, nbt)
+    else:
+        out, mean, var = ops.batch_norm_relu_triton(x, w, b, rm, rv, training, EPS)
+    grads = ops.batch_norm_relu_backward_triton(g, x, w, b, mean, var, training, EPS, g, True)
+    return (out, mean, var, rm, rv, nbt) + tuple(grads)
+
+
+@pytest.mark.parametrize("target", [1, 3, 100000], ids=["one_chunk", "three", "many"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_finalize_in_the_reduction_launch_equals_its_own_kernel(bnr, monkeypatch, target, layout, dtype):
+    """Each reduction's stage 2 run by the last program of its channel tile (eager: two
+    launches per pass pair) gives the same bits as the finalize kernels of their own (what
+    torch.compile traces): outputs, statistics, running statistics, the count and every
+    gradient, training with and without the update, and eval with weight gradients; with
+    several channel tiles (C = 37 in channels_last) and one, a few or many chunks."""
+    monkeypatch.setattr(bnr, "_TARGET_PROGRAMS", target)
+    gen = torch.Generator().manual_seed(0)
+    x = _layout((torch.randn(3, 37, 7, 9, generator=gen, dtype=torch.float64) * 3 + 2).to(dtype).to(DEVICE),
+                layout)
+    g = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
+    w, b, rm, rv = _params(37, torch.float64 if dtype == torch.float64 else torch.float32)
+    assert bnr._finalize_in_kernel(x)
+    for training, with_update in ((True, False), (True, True), (False, False)):
+        fused = _forward_backward(x, w, b, rm, rv, g, training, with_update)
+        monkeypatch.setattr(bnr, "_finalize_in_kernel", lambda t: False)
+        separate = _forward_backward(x, w, b, rm, rv, g, training, with_update)
+        monkeypatch.undo()
+        monkeypatch.setattr(bnr, "_TARGET_PROGRAMS", target)
+        for i, (a, c) in enumerate(zip(fused, separate)):
+            assert torch.equal(a, c), (training, with_update, i)
+    # every counter left at zero for the next launch
+    assert bnr._COUNTERS and all(int(t.abs().sum()) == 0 for t in bnr._COUNTERS.values())
+
+
+def test_finalize_counts_launches_and_resets(bnr, monkeypatch):
+    """The counters reset themselves: repeated fused calls (different tile counts) give the
+    same bits, and the fused path launches two kernels each way in training."""
+    launched = []
+    real = bnr._kernel
+
+    def counting(kernel, like):
+        launched.append(kernel.fn.__name__ if hasattr(kernel, "fn") else str(kernel))
+        return real(kernel, like)
+
+    monkeypatch.setattr(bnr, "_kernel", counting)
+    for C in (5, 70, 5):
+        x = torch.randn(2, C, 6, 5, device=DEVICE).contiguous(memory_format=torch.channels_last)
+        g = torch.randn(x.shape, device=DEVICE)
+        w, b, rm, rv = _params(C, torch.float32)
+        launched.clear()
+        first = _forward_backward(x, w, b, rm, rv, g, True, True)
+        assert launched == ["_bn_stats_kernel", "_bn_relu_fwd_kernel", "_bn_relu_bwd_reduce_kernel",
+                            "_bn_relu_bwd_kernel"], launched
+        second = _forward_backward(x, w, b, rm, rv, g, True, True)
+        assert all(torch.equal(a, c) for a, c in zip(first, second))

@@ -41,9 +41,11 @@ Batch norm runs several kernels per op, and each is one record (``_batch_norm_pa
   also reading and writing the running statistics and num_batches_tracked (its first
   block updates them: no kernel of its own). Each count is the launch log of the emulated
   CUDA kernels (tests/test_cuda_emulation_batch_norm.py). The ``_triton`` twin moves the
-  same bytes in more launches: a per-channel kernel before the normalise pass (and before
-  the backward), and a finalize kernel after each reduction (training forward 3, eval 2;
-  backward 4, eval without weight gradients 2; with_update 3, its channel kernel updating).
+  same bytes in the same launches in eager mode (its reductions finalize in their own
+  launch too; with_update's statistics kernel updates the running statistics), except
+  in eval: a per-channel kernel before the normalise pass (eval forward 2, and eval
+  backward without weight gradients 2). Traced by torch.compile, its reductions finalize
+  in kernels of their own (training forward 3, backward 4): not what this model prices.
 """
 
 from __future__ import annotations
@@ -252,13 +254,13 @@ def _batch_norm_passes(name: str, a: Dict[str, Any], out: Any, fused: bool) -> O
     outs = list(out) if isinstance(out, (list, tuple)) else [out]
     if fused:
         base = _fused_base(name)
-        # The Triton twin runs a per-channel kernel (the rows) before each pass over x
-        # that needs one, and finalizes each reduction in a kernel of its own.
+        # The Triton twin (eager) runs a per-channel kernel (the rows) before an eval pass
+        # over x; its reductions finalize in their own launch, as the CUDA kernels' do.
         triton = name.endswith("_triton")
         if base == "batch_norm_relu":
             y, mean, var = outs[:3]
             if a["training"]:
-                return [("(stats)", _ts(a["x"]), _ts(mean, var), 2 if triton else 1),
+                return [("(stats)", _ts(a["x"]), _ts(mean, var), 1),
                         ("(apply)", _ts(a["x"], a["weight"], a["bias"], mean, var), _ts(y), 1)]
             return [("", _ts(a["x"], a["weight"], a["bias"], a["running_mean"], a["running_var"]),
                      _ts(y, mean, var), 2 if triton else 1 + _eval_rows_launches(a["x"]))]
@@ -267,21 +269,22 @@ def _batch_norm_passes(name: str, a: Dict[str, Any], out: Any, fused: bool) -> O
             params = _ts(a["weight"], a["bias"], a["mean"], a["var"])
             apply_reads = _ts(a["grad"], a["x"], a["grad_residual"]) + params
             # Eval: the apply pass makes its rows from the parameters (its own kernel past
-            # 48 KiB). Triton: the rows kernel first, and the reduction's finalize kernel.
+            # 48 KiB). Triton: the reduction's finalize writes them; without a reduction,
+            # the rows kernel first.
             apply_launches = 1 if a["training"] or triton else 1 + _eval_rows_launches(a["x"])
             if a["training"] or a["weight_grads"]:
-                return [("(reduce)", _ts(a["grad"], a["x"]) + params, _ts(gw, gb), 3 if triton else 1),
+                return [("(reduce)", _ts(a["grad"], a["x"]) + params, _ts(gw, gb), 1),
                         ("(apply)", apply_reads + _ts(gw, gb), _ts(gx), apply_launches)]
             return [("", apply_reads, _ts(gx), 2 if triton else apply_launches)]
         if base == "batch_norm_relu_with_update":
             # The running statistics and num_batches_tracked are read and written by a kernel
-            # the op runs anyway (CUDA: the normalise kernel's first block; Triton: its
-            # channel kernel, part of the statistics): no launch of their own.
+            # the op runs anyway (CUDA: the normalise kernel's first block; Triton: the
+            # statistics kernel's finalize): no launch of their own.
             y, mean, var = outs[:3]
             running = _ts(a["running_mean"], a["running_var"], a.get("num_batches_tracked"))
             stats_io = (running, running) if triton else ([], [])
             apply_io = ([], []) if triton else (running, running)
-            return [("(stats)", _ts(a["x"]) + stats_io[0], _ts(mean, var) + stats_io[1], 2 if triton else 1),
+            return [("(stats)", _ts(a["x"]) + stats_io[0], _ts(mean, var) + stats_io[1], 1),
                     ("(apply, update)", _ts(a["x"], a["weight"], a["bias"], mean, var) + apply_io[0],
                      _ts(y) + apply_io[1], 1)]
         if base == "batch_norm_update_stats":  # num_batches_tracked += 1 in the same kernel

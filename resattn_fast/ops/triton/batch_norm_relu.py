@@ -23,8 +23,13 @@ Reductions (the batch statistics; sum(dy) and sum(dy * x_hat)) run in two stages
 fixed order, so results are bit-identical run to run: stage 1 gives each program one
 contiguous chunk of the (N, H, W) elements of one channel (NCHW) or of a block of
 ``_BLOCK_C`` channels (channels_last, whose channels are the contiguous dimension) and
-writes one partial per (chunk, channel) to a workspace; stage 2, one small program per
-block of channels, combines the partials in chunk order. No atomics. The statistics are
+writes one partial per (chunk, channel) to a workspace; stage 2 combines a channel's
+partials in chunk order. In eager mode stage 2 runs in the same launch, in the last
+program of each channel tile to finish stage 1 (an atomic count per tile decides which;
+the combination order does not depend on it), so a training pass pair is two launches, as
+in kernels/batch_norm_relu.cu; traced by torch.compile (the counters are state kept
+between calls), it runs in a kernel of its own, one small program per block of channels,
+with the same code and bits. The statistics are
 per-block mean and M2 (sum of squared deviations from the block mean) combined with Chan
 et al.'s formula, stable for large M and large means. The reduction kernels have one
 config each (the autotuner picking another block size or warp count would change the
@@ -37,6 +42,7 @@ backends do: float32 ``/`` compiles to an approximate division on NVIDIA GPUs.
 """
 
 import struct
+import threading
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -232,17 +238,119 @@ def _advance(n, p, HW, STEP: tl.constexpr):
     return n + q, p - q * HW
 
 
+@triton.jit
+def _arrive_last(cnt_ptr, tile, S):
+    """Whether this program is the last of the S chunk programs of channel tile ``tile``
+    to finish stage 1 (stage 2 then runs in it, in the same launch: arrive_last of
+    kernels/batch_norm_relu.cu). The barrier orders every thread's partial stores before
+    the count, a gpu-scope acquire-release atomic; the last program reads the partials
+    from L2 (``.cg``), where the others' stores are, and resets the count to 0 for the
+    next launch on the stream (the counters are kept, never cleared by a kernel of their
+    own). Under TRITON_INTERPRET=1 the programs run one after another: the last in grid
+    order finalizes."""
+    tl.debug_barrier()
+    old = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    return old == S - 1
+
+
+@triton.jit
+def _stats_stage2(pmean_ptr, pm2_ptr, cs, cmask, C, M, S, CHUNK, IS_FP64: tl.constexpr):
+    """(mean, biased var) of channels cs from the S chunk partials, combined in chunk
+    order (Chan et al.), var = M2 / M. Loads bypass L1 (``.cg``): in the fused finalize
+    other programs of the same launch wrote them."""
+    zero = acc(tl.zeros_like(cs), IS_FP64)
+    n_a = zero
+    mean_a = zero
+    m2_a = zero
+    s = 0
+    while s < S:
+        mean_b = acc(tl.load(pmean_ptr + s * C + cs, mask=cmask, other=0.0, cache_modifier=".cg"), IS_FP64)
+        m2_b = acc(tl.load(pm2_ptr + s * C + cs, mask=cmask, other=0.0, cache_modifier=".cg"), IS_FP64)
+        n_b = zero + tl.cast(tl.minimum(M - s * CHUNK, CHUNK), zero.dtype)
+        n_a, mean_a, m2_a = _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b, IS_FP64)
+        s += 1
+    return mean_a, _div(m2_a, n_a, IS_FP64)
+
+
+@triton.jit
+def _channel_rows(w_ptr, b_ptr, cs, cmask, mean, var, eps32, eps64, HAS_W, HAS_B,
+                  IS_FP64: tl.constexpr):
+    """(scale, bias, invstd) of channels cs: invstd = 1 / sqrt(var + eps), scale =
+    weight * invstd (invstd without weight), bias (0 without). HAS_W/HAS_B may be
+    compile-time or run-time flags."""
+    invstd = _invstd(var, _scalar_arg(eps32, eps64, IS_FP64), IS_FP64)
+    scale = invstd
+    if HAS_W:
+        scale = acc(tl.load(w_ptr + cs, mask=cmask, other=0.0), IS_FP64) * invstd
+    bias = tl.zeros_like(mean)
+    if HAS_B:
+        bias = acc(tl.load(b_ptr + cs, mask=cmask, other=0.0), IS_FP64)
+    return scale, bias, invstd
+
+
+@triton.jit
+def _store_rows(par_ptr, cs, cmask, C, mean, scale, bias, invstd):
+    """The parameter rows the elementwise passes read: par[0] = mean, par[1] = scale,
+    par[2] = bias, par[3] = invstd."""
+    tl.store(par_ptr + cs, mean, mask=cmask)
+    tl.store(par_ptr + C + cs, scale, mask=cmask)
+    tl.store(par_ptr + 2 * C + cs, bias, mask=cmask)
+    tl.store(par_ptr + 3 * C + cs, invstd, mask=cmask)
+
+
+@triton.jit
+def _finalize_stats(pmean_ptr, pm2_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, par_ptr,
+                    nbt_ptr, cs, cmask, first, C, M, S, CHUNK, eps32, eps64, momentum32, momentum64,
+                    update, has_nbt, HAS_W, HAS_B, IS_FP64: tl.constexpr):
+    """Stage 2 of the training statistics for channels cs: mean and var (written), with
+    ``update`` the running statistics (count M) and, in the ``first`` tile, the batch
+    count; then the parameter rows. The channel kernel and the statistics kernel's fused
+    finalize both run this: the same bits."""
+    mean, var = _stats_stage2(pmean_ptr, pm2_ptr, cs, cmask, C, M, S, CHUNK, IS_FP64)
+    tl.store(mean_ptr + cs, mean, mask=cmask)
+    tl.store(var_ptr + cs, var, mask=cmask)
+    if update != 0:
+        _update_running(rm_ptr, rv_ptr, cs, cmask, mean, var, M, momentum32, momentum64, IS_FP64)
+        if has_nbt != 0:
+            if first:
+                tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+    scale, bias, invstd = _channel_rows(w_ptr, b_ptr, cs, cmask, mean, var, eps32, eps64, HAS_W,
+                                        HAS_B, IS_FP64)
+    _store_rows(par_ptr, cs, cmask, C, mean, scale, bias, invstd)
+
+
+@triton.jit
+def _tile_channels(pid_c, C, CHANNELS_LAST: tl.constexpr):
+    """(channels, mask) of a reduction program's tile, as a _BLOCK_C vector: its block of
+    _BLOCK_C channels (channels_last) or its one channel (NCHW; the other lanes masked)."""
+    lane = tl.arange(0, _BLOCK_C)
+    if CHANNELS_LAST:
+        cs = pid_c * _BLOCK_C + lane
+        return cs, cs < C
+    else:
+        cs = pid_c + lane
+        return cs, (lane < 1) & (cs < C)
+
+
 # --------------------------------------------------------------------- forward kernels
 @triton.autotune(configs=_REDUCE_CONFIGS, key=["CHANNELS_LAST", "INT64"])
-@triton.jit
+# The run-time flags are never specialized (Triton would compile the value 1 as a
+# constant): one compiled variant per layout and dtype, as benchmarks/gpu_resources.py checks.
+@triton.jit(do_not_specialize=["eps64", "momentum64", "finalize", "update", "has_nbt", "has_w", "has_b"])
 def _bn_stats_kernel(
-    x_ptr, pmean_ptr, pm2_ptr, C, HW, M, CHUNK,
+    x_ptr, pmean_ptr, pm2_ptr, cnt_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, par_ptr,
+    nbt_ptr, C, HW, M, CHUNK, S, eps32, eps64, momentum32, momentum64, finalize, update, has_nbt,
+    has_w, has_b,
     CHANNELS_LAST: tl.constexpr, IS_FP64: tl.constexpr, INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Stage 1 of the statistics: (mean, M2) of one chunk of M per channel, to
     pmean/pm2[chunk, c]. Each BLOCK of the chunk gives its own mean and M2 (deviations
-    from the block mean, in registers), combined into the chunk's in order."""
+    from the block mean, in registers), combined into the chunk's in order. With
+    ``finalize`` (a run-time flag), the last program of each channel tile to finish
+    (_arrive_last, counters cnt) runs stage 2 for the tile (_finalize_stats: mean, var,
+    the running update with ``update``, the rows), so the training forward is two
+    launches; without it the channel kernel does, a launch of its own."""
     pid_c, pid_s, m0, m_end = _chunk(M, CHUNK, INT64)
     if CHANNELS_LAST:
         ROWS: tl.constexpr = BLOCK // _BLOCK_C
@@ -294,6 +402,14 @@ def _bn_stats_kernel(
             n_cur, p_cur = _advance(n_cur, p_cur, HW, BLOCK)
         tl.store(pmean_ptr + pid_s * C + pid_c, mean_a)
         tl.store(pm2_ptr + pid_s * C + pid_c, m2_a)
+    if finalize != 0:
+        if _arrive_last(cnt_ptr, pid_c, S):
+            cs, cmask = _tile_channels(pid_c, C, CHANNELS_LAST)
+            _finalize_stats(pmean_ptr, pm2_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
+                            par_ptr, nbt_ptr, cs, cmask, pid_c == 0, C, M, S, CHUNK, eps32, eps64,
+                            momentum32, momentum64, update, has_nbt, has_w != 0, has_b != 0,
+                            IS_FP64)
+            tl.store(cnt_ptr + pid_c, 0)
 
 
 @triton.autotune(configs=_CHANNEL_CONFIGS, key=[])
@@ -315,44 +431,18 @@ def _bn_channel_kernel(
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cmask = cs < C
     if TRAINING:
-        zero = acc(tl.zeros([BLOCK], dtype=tl.float32), IS_FP64)
-        n_a = zero
-        mean_a = zero
-        m2_a = zero
-        s = 0
-        while s < S:
-            mean_b = acc(tl.load(pmean_ptr + s * C + cs, mask=cmask, other=0.0), IS_FP64)
-            m2_b = acc(tl.load(pm2_ptr + s * C + cs, mask=cmask, other=0.0), IS_FP64)
-            n_b = zero + tl.cast(tl.minimum(M - s * CHUNK, CHUNK), zero.dtype)
-            n_a, mean_a, m2_a = _chan(n_a, mean_a, m2_a, n_b, mean_b, m2_b, IS_FP64)
-            s += 1
-        mean = mean_a
-        var = _div(m2_a, n_a, IS_FP64)
+        _finalize_stats(pmean_ptr, pm2_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, par_ptr,
+                        nbt_ptr, cs, cmask, tl.program_id(0) == 0, C, M, S, CHUNK, eps32, eps64,
+                        momentum32, momentum64, update, has_nbt, HAS_W, HAS_B, IS_FP64)
     else:
         mean = acc(tl.load(rm_ptr + cs, mask=cmask, other=0.0), IS_FP64)
         var = acc(tl.load(rv_ptr + cs, mask=cmask, other=0.0), IS_FP64)
-    if WRITE_STATS:
-        tl.store(mean_ptr + cs, mean, mask=cmask)
-        tl.store(var_ptr + cs, var, mask=cmask)
-    if TRAINING:
-        if update != 0:
-            _update_running(rm_ptr, rv_ptr, cs, cmask, mean, var, M, momentum32, momentum64, IS_FP64)
-            if has_nbt != 0:
-                if tl.program_id(0) == 0:
-                    tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
-    invstd = _invstd(var, _scalar_arg(eps32, eps64, IS_FP64), IS_FP64)
-    if HAS_W:
-        scale = acc(tl.load(w_ptr + cs, mask=cmask, other=0.0), IS_FP64) * invstd
-    else:
-        scale = invstd
-    if HAS_B:
-        bias = acc(tl.load(b_ptr + cs, mask=cmask, other=0.0), IS_FP64)
-    else:
-        bias = tl.zeros_like(mean)
-    tl.store(par_ptr + cs, mean, mask=cmask)
-    tl.store(par_ptr + C + cs, scale, mask=cmask)
-    tl.store(par_ptr + 2 * C + cs, bias, mask=cmask)
-    tl.store(par_ptr + 3 * C + cs, invstd, mask=cmask)
+        if WRITE_STATS:
+            tl.store(mean_ptr + cs, mean, mask=cmask)
+            tl.store(var_ptr + cs, var, mask=cmask)
+        scale, bias, invstd = _channel_rows(w_ptr, b_ptr, cs, cmask, mean, var, eps32, eps64, HAS_W,
+                                            HAS_B, IS_FP64)
+        _store_rows(par_ptr, cs, cmask, C, mean, scale, bias, invstd)
 
 
 # Autotuned once per size class (size_class(total), in the key; unused by the kernel).
@@ -391,24 +481,57 @@ def _bwd_terms(g, x, mean, scale, bias, invstd):
     return dy, dy * (xc * invstd)
 
 
-@triton.autotune(configs=_REDUCE_CONFIGS, key=["CHANNELS_LAST", "INT64"])
 @triton.jit
+def _finalize_grads(pdy_ptr, pdyx_ptr, gw_ptr, gb_ptr, coef_ptr, cs, cmask, C, M, S, training,
+                    IS_FP64: tl.constexpr):
+    """Stage 2 of the backward reduction for channels cs: the S chunk partials summed in
+    chunk order into grad_bias = sum(dy) and grad_weight = sum(dy * x_hat) (stored in their
+    own dtypes), and with ``training`` the apply pass's coefficients coef[0] =
+    grad_bias / M, coef[1] = grad_weight / M. Shared by the backward channel kernel and
+    the reduction kernel's fused finalize (partials read from L2, ``.cg``)."""
+    s_dy = acc(tl.zeros_like(cs), IS_FP64)
+    s_dyx = s_dy
+    s = 0
+    while s < S:
+        s_dy += acc(tl.load(pdy_ptr + s * C + cs, mask=cmask, other=0.0, cache_modifier=".cg"), IS_FP64)
+        s_dyx += acc(tl.load(pdyx_ptr + s * C + cs, mask=cmask, other=0.0, cache_modifier=".cg"), IS_FP64)
+        s += 1
+    tl.store(gb_ptr + cs, s_dy.to(gb_ptr.dtype.element_ty), mask=cmask)
+    tl.store(gw_ptr + cs, s_dyx.to(gw_ptr.dtype.element_ty), mask=cmask)
+    if training:
+        m = tl.zeros_like(s_dy) + tl.cast(M, s_dy.dtype)
+        tl.store(coef_ptr + cs, _div(s_dy, m, IS_FP64), mask=cmask)
+        tl.store(coef_ptr + C + cs, _div(s_dyx, m, IS_FP64), mask=cmask)
+
+
+@triton.autotune(configs=_REDUCE_CONFIGS, key=["CHANNELS_LAST", "INT64"])
+@triton.jit(do_not_specialize=["eps64", "finalize", "training", "has_w", "has_b"])
 def _bn_relu_bwd_reduce_kernel(
-    g_ptr, x_ptr, par_ptr, pdy_ptr, pdyx_ptr, C, HW, M, CHUNK,
+    g_ptr, x_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, pdy_ptr, pdyx_ptr, cnt_ptr, gw_ptr, gb_ptr,
+    coef_ptr, par_ptr, C, HW, M, CHUNK, S, eps32, eps64, finalize, training, has_w, has_b,
     CHANNELS_LAST: tl.constexpr, IS_FP64: tl.constexpr, INT64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Stage 1 of the backward reduction: sum(dy) and sum(dy * x_hat) of one chunk of M
-    per channel, to pdy/pdyx[chunk, c] (same chunks and orders as _bn_stats_kernel)."""
+    per channel, to pdy/pdyx[chunk, c] (same chunks and orders as _bn_stats_kernel), each
+    program computing its channels' rows from mean, var, weight and bias. With
+    ``finalize`` (a run-time flag), the last program of each channel tile (_arrive_last)
+    runs stage 2 for the tile (_finalize_grads) and writes its rows for the apply pass,
+    so the backward is two launches; without it the channel kernels do."""
     pid_c, pid_s, m0, m_end = _chunk(M, CHUNK, INT64)
     if CHANNELS_LAST:
         ROWS: tl.constexpr = BLOCK // _BLOCK_C
         cs = pid_c * _BLOCK_C + tl.arange(0, _BLOCK_C)
         cmask = cs < C
-        mean = acc(tl.load(par_ptr + cs, mask=cmask, other=0.0), IS_FP64)[None, :]
-        scale = acc(tl.load(par_ptr + C + cs, mask=cmask, other=0.0), IS_FP64)[None, :]
-        bias = acc(tl.load(par_ptr + 2 * C + cs, mask=cmask, other=0.0), IS_FP64)[None, :]
-        invstd = acc(tl.load(par_ptr + 3 * C + cs, mask=cmask, other=0.0), IS_FP64)[None, :]
+        mean_v = acc(tl.load(mean_ptr + cs, mask=cmask, other=0.0), IS_FP64)
+        var_v = acc(tl.load(var_ptr + cs, mask=cmask, other=0.0), IS_FP64)
+        scale_v, bias_v, invstd_v = _channel_rows(w_ptr, b_ptr, cs, cmask, mean_v, var_v, eps32, eps64,
+                                                  has_w != 0, has_b != 0, IS_FP64)
+        r_cs, r_mask, r_mean, r_scale, r_bias, r_invstd = cs, cmask, mean_v, scale_v, bias_v, invstd_v
+        mean = mean_v[None, :]
+        scale = scale_v[None, :]
+        bias = bias_v[None, :]
+        invstd = invstd_v[None, :]
         s_dy = tl.sum(acc(tl.zeros([ROWS, _BLOCK_C], dtype=tl.float32), IS_FP64), axis=0)
         s_dyx = s_dy
         start = m0
@@ -426,10 +549,11 @@ def _bn_relu_bwd_reduce_kernel(
         tl.store(pdy_ptr + out, s_dy, mask=cmask)
         tl.store(pdyx_ptr + out, s_dyx, mask=cmask)
     else:
-        mean = acc(tl.load(par_ptr + pid_c), IS_FP64)
-        scale = acc(tl.load(par_ptr + C + pid_c), IS_FP64)
-        bias = acc(tl.load(par_ptr + 2 * C + pid_c), IS_FP64)
-        invstd = acc(tl.load(par_ptr + 3 * C + pid_c), IS_FP64)
+        mean = acc(tl.load(mean_ptr + pid_c), IS_FP64)
+        var = acc(tl.load(var_ptr + pid_c), IS_FP64)
+        scale, bias, invstd = _channel_rows(w_ptr, b_ptr, pid_c, pid_c < C, mean, var, eps32, eps64,
+                                            has_w != 0, has_b != 0, IS_FP64)
+        r_cs, r_mask, r_mean, r_scale, r_bias, r_invstd = pid_c, pid_c < C, mean, scale, bias, invstd
         s_dy = tl.sum(acc(tl.zeros([BLOCK], dtype=tl.float32), IS_FP64), axis=0)
         s_dyx = s_dy
         if INT64:
@@ -452,6 +576,14 @@ def _bn_relu_bwd_reduce_kernel(
             n_cur, p_cur = _advance(n_cur, p_cur, HW, BLOCK)
         tl.store(pdy_ptr + pid_s * C + pid_c, s_dy)
         tl.store(pdyx_ptr + pid_s * C + pid_c, s_dyx)
+    if finalize != 0:
+        if _arrive_last(cnt_ptr, pid_c, S):
+            cs_t, cmask_t = _tile_channels(pid_c, C, CHANNELS_LAST)
+            _finalize_grads(pdy_ptr, pdyx_ptr, gw_ptr, gb_ptr, coef_ptr, cs_t, cmask_t, C, M, S,
+                            training != 0, IS_FP64)
+            # The apply pass's rows: this program's own (the same tile's channels).
+            _store_rows(par_ptr, r_cs, r_mask, C, r_mean, r_scale, r_bias, r_invstd)
+            tl.store(cnt_ptr + pid_c, 0)
 
 
 @triton.autotune(configs=_CHANNEL_CONFIGS, key=[])
@@ -460,25 +592,11 @@ def _bn_relu_bwd_channel_kernel(
     pdy_ptr, pdyx_ptr, gw_ptr, gb_ptr, coef_ptr, C, M, S,
     TRAINING: tl.constexpr, IS_FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Stage 2 of the backward reduction: the S chunk partials summed in chunk order into
-    grad_bias = sum(dy) and grad_weight = sum(dy * x_hat) (stored in their own dtypes), and
-    in training the apply pass's coefficients coef[0] = grad_bias / M,
-    coef[1] = grad_weight / M."""
+    """Stage 2 of the backward reduction in a launch of its own (_finalize_grads), per
+    block of channels."""
     cs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    cmask = cs < C
-    s_dy = acc(tl.zeros([BLOCK], dtype=tl.float32), IS_FP64)
-    s_dyx = s_dy
-    s = 0
-    while s < S:
-        s_dy += acc(tl.load(pdy_ptr + s * C + cs, mask=cmask, other=0.0), IS_FP64)
-        s_dyx += acc(tl.load(pdyx_ptr + s * C + cs, mask=cmask, other=0.0), IS_FP64)
-        s += 1
-    tl.store(gb_ptr + cs, s_dy.to(gb_ptr.dtype.element_ty), mask=cmask)
-    tl.store(gw_ptr + cs, s_dyx.to(gw_ptr.dtype.element_ty), mask=cmask)
-    if TRAINING:
-        m = tl.zeros_like(s_dy) + tl.cast(M, s_dy.dtype)
-        tl.store(coef_ptr + cs, _div(s_dy, m, IS_FP64), mask=cmask)
-        tl.store(coef_ptr + C + cs, _div(s_dyx, m, IS_FP64), mask=cmask)
+    _finalize_grads(pdy_ptr, pdyx_ptr, gw_ptr, gb_ptr, coef_ptr, cs, cs < C, C, M, S, TRAINING,
+                    IS_FP64)
 
 
 @triton.autotune(configs=_APPLY_CONFIGS,
@@ -754,6 +872,44 @@ def _channel_grid(C: int) -> Any:
     return lambda meta: (triton.cdiv(C, meta["BLOCK"]),)
 
 
+# _arrive_last's counters, per (device, stream) (per thread for interpreted CPU tensors):
+# zeroed once and kept, every launch leaving them zero (the last program of each tile
+# resets its count), so no launch pays a memset; reductions on different streams may run
+# at once, hence one buffer each (reduction_counters of kernels/batch_norm_relu.cu).
+_COUNTERS: Dict[Tuple[Any, ...], torch.Tensor] = {}
+_COUNTERS_LOCK = threading.Lock()
+
+
+def _counters(x: torch.Tensor, n: int) -> torch.Tensor:
+    """At least ``n`` zero int32 counters for a launch on x's device and current stream."""
+    if x.is_cuda:
+        key: Tuple[Any, ...] = (x.device, torch.cuda.current_stream(x.device).cuda_stream)
+    else:
+        key = (x.device, threading.get_ident())
+    with _COUNTERS_LOCK:
+        buf = _COUNTERS.get(key)
+        if buf is None or buf.numel() < n:
+            # Replacing a smaller buffer is safe: the launches on this stream that still
+            # use it run before any later use of its memory (the caching allocator's order).
+            buf = _COUNTERS[key] = torch.zeros((max(n, 4096),), dtype=torch.int32, device=x.device)
+        return buf
+
+
+def _finalize_in_kernel(x: torch.Tensor) -> bool:
+    """Whether the reductions finalize in their own launch (two launches per pass pair).
+    Not while torch.compile or a fake-tensor check traces the op: the counters are state
+    kept across calls, which a traced graph cannot hold; the traced op then runs the
+    finalize kernels of their own (same results)."""
+    return not is_fake(x) and not torch.compiler.is_compiling()
+
+
+def _cnt(x: torch.Tensor, tiles: int, fused: bool) -> torch.Tensor:
+    """The counters of a fused launch, else a placeholder of their type (never read)."""
+    if fused:
+        return _counters(x, tiles)
+    return torch.empty((1,), dtype=torch.int32, device=x.device)
+
+
 @torch.library.triton_op(
     "resattn_fast::batch_norm_relu_triton",
     **triton_op_kwargs("(Tensor x, Tensor? weight, Tensor? bias, Tensor? running_mean, "
@@ -782,8 +938,8 @@ def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
              training: bool, eps: float, update: Optional[Tuple[float, Optional[torch.Tensor]]],
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """batch_norm_relu_triton after its checks; ``update`` = (momentum, num_batches_tracked):
-    training only, running statistics of x's accumulation type, x not empty: the channel
-    kernel also updates running_mean/var (in place) and counts the batch."""
+    training only, running statistics of x's accumulation type, x not empty: the
+    statistics' finalize also updates running_mean/var (in place) and counts the batch."""
     weight, bias = _vec(weight), _vec(bias)
     running_mean, running_var = _vec(running_mean), _vec(running_var)
     _check_plane(x)
@@ -802,31 +958,40 @@ def _forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     int64 = needs_int64(xd)
     par = torch.empty((_PAR_ROWS, C), dtype=accd, device=x.device)
     momentum, nbt = update if update is not None else (0.0, None)
+    w_arg = weight if weight is not None else par
+    b_arg = bias if bias is not None else par
+    nbt_arg = nbt if nbt is not None else par
     with device_guard(x):
+        fused = False
         if training:
             chunk, S = _chunks(C, M, cl)
             pmean = torch.empty((S, C), dtype=accd, device=x.device)
             pm2 = torch.empty((S, C), dtype=accd, device=x.device)
-            _kernel(_bn_stats_kernel, x)[_reduce_grid(C, S, cl)](
-                xd, pmean, pm2, C, HW, M, chunk,
-                CHANNELS_LAST=cl, IS_FP64=is_fp64, INT64=int64,
-            )
             if update is None:
                 rm, rv = pmean, pm2  # never read in training without update: any valid pointer
             else:
                 rm, rv = running_mean, running_var  # contiguous (_vec): updated in place
+            fused = _finalize_in_kernel(x)
+            grid = _reduce_grid(C, S, cl)
+            _kernel(_bn_stats_kernel, x)[grid](
+                xd, pmean, pm2, _cnt(x, grid[0], fused), rm, rv, w_arg, b_arg, mean, var, par,
+                nbt_arg, C, HW, M, chunk, S, float(eps), _bits(eps), float(momentum), _bits(momentum),
+                int(fused), int(update is not None), int(nbt is not None), int(weight is not None),
+                int(bias is not None),
+                CHANNELS_LAST=cl, IS_FP64=is_fp64, INT64=int64,
+            )
         else:
             chunk, S = 1, 1
             pmean = pm2 = par
             rm, rv = running_mean, running_var
-        _kernel(_bn_channel_kernel, x)[_channel_grid(C)](
-            pmean, pm2, rm, rv,
-            weight if weight is not None else par, bias if bias is not None else par,
-            mean, var, par, nbt if nbt is not None else par, C, M, S, chunk, float(eps), _bits(eps),
-            float(momentum), _bits(momentum), int(update is not None), int(nbt is not None),
-            TRAINING=bool(training), HAS_W=weight is not None, HAS_B=bias is not None,
-            WRITE_STATS=True, IS_FP64=is_fp64,
-        )
+        if not fused:
+            _kernel(_bn_channel_kernel, x)[_channel_grid(C)](
+                pmean, pm2, rm, rv, w_arg, b_arg, mean, var, par, nbt_arg, C, M, S, chunk,
+                float(eps), _bits(eps), float(momentum), _bits(momentum), int(update is not None),
+                int(nbt is not None),
+                TRAINING=bool(training), HAS_W=weight is not None, HAS_B=bias is not None,
+                WRITE_STATS=True, IS_FP64=is_fp64,
+            )
         if total:
             _kernel(_bn_relu_fwd_kernel, x)[flat_grid(total)](
                 xd, par, out, total, size_class(total), C, HW,
@@ -854,8 +1019,9 @@ def batch_norm_relu_with_update_triton(
     num_batches_tracked: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """batch_norm_relu_triton(training=True) and batch_norm_update_stats_triton in one call:
-    the channel kernel that finalizes the statistics also updates the running statistics
-    and num_batches_tracked (no launch of its own), with count = N*H*W. An empty x leaves
+    the code that finalizes the statistics (the statistics kernel's last program of each
+    channel tile; the channel kernel when traced) also updates the running statistics and
+    num_batches_tracked (no launch of its own), with count = N*H*W. An empty x leaves
     the running statistics as they are and still counts the batch. Running statistics of
     float32 with float64 x (the one mix whose update math differs from x's) take the
     separate update kernel, with the same results. Forward only (see
@@ -934,28 +1100,35 @@ def batch_norm_relu_backward_triton(
     par = torch.empty((_PAR_ROWS, C), dtype=accd, device=x.device)
     coef = torch.empty((2, C), dtype=accd, device=x.device)
     reduce = bool(training) or bool(weight_grads)
+    w_arg = weight if weight is not None else par
+    b_arg = bias if bias is not None else par
     with device_guard(x):
-        _kernel(_bn_channel_kernel, x)[_channel_grid(C)](
-            par, par, mean, var,
-            weight if weight is not None else par, bias if bias is not None else par,
-            par, par, par, par, C, M, 1, 1, float(eps), _bits(eps), 0.0, 0, 0, 0,
-            TRAINING=False, HAS_W=weight is not None, HAS_B=bias is not None,
-            WRITE_STATS=False, IS_FP64=is_fp64,
-        )
+        fused = reduce and _finalize_in_kernel(x)
+        if not fused:  # the apply pass's rows, in a kernel of their own
+            _kernel(_bn_channel_kernel, x)[_channel_grid(C)](
+                par, par, mean, var, w_arg, b_arg, par, par, par, par, C, M, 1, 1, float(eps),
+                _bits(eps), 0.0, 0, 0, 0,
+                TRAINING=False, HAS_W=weight is not None, HAS_B=bias is not None,
+                WRITE_STATS=False, IS_FP64=is_fp64,
+            )
         if reduce:
             chunk, S = _chunks(C, M, cl)
             pdy = torch.empty((S, C), dtype=accd, device=x.device)
             pdyx = torch.empty((S, C), dtype=accd, device=x.device)
-            _kernel(_bn_relu_bwd_reduce_kernel, x)[_reduce_grid(C, S, cl)](
-                g, xd, par, pdy, pdyx, C, HW, M, chunk,
-                CHANNELS_LAST=cl, IS_FP64=is_fp64, INT64=int64,
-            )
             gw = grad_weight if weight_grads else torch.empty((C,), dtype=accd, device=x.device)
             gb = grad_bias if weight_grads else torch.empty((C,), dtype=accd, device=x.device)
-            _kernel(_bn_relu_bwd_channel_kernel, x)[_channel_grid(C)](
-                pdy, pdyx, gw, gb, coef, C, M, S,
-                TRAINING=bool(training), IS_FP64=is_fp64,
+            grid = _reduce_grid(C, S, cl)
+            _kernel(_bn_relu_bwd_reduce_kernel, x)[grid](
+                g, xd, mean, var, w_arg, b_arg, pdy, pdyx, _cnt(x, grid[0], fused), gw, gb, coef, par,
+                C, HW, M, chunk, S, float(eps), _bits(eps), int(fused), int(bool(training)),
+                int(weight is not None), int(bias is not None),
+                CHANNELS_LAST=cl, IS_FP64=is_fp64, INT64=int64,
             )
+            if not fused:
+                _kernel(_bn_relu_bwd_channel_kernel, x)[_channel_grid(C)](
+                    pdy, pdyx, gw, gb, coef, C, M, S,
+                    TRAINING=bool(training), IS_FP64=is_fp64,
+                )
         _kernel(_bn_relu_bwd_kernel, x)[flat_grid(total)](
             g, xd, par, coef, res if res is not None else g, grad_x, total, size_class(total),
             C, HW,

@@ -396,6 +396,72 @@ __device__ __forceinline__ void for_tile_channels(uint32_t tile, int vec, int64_
   for (int64_t c = c0 + linear / kWarp; c < c1; c += kWarpsPerBlock) body(c, linear % kWarp);
 }
 
+// ------------------------------------------------------------- the reductions' skeleton
+// Both reductions (the statistics; the backward's sums) walk the same items and finish
+// the same way: each thread accumulates its share of an item into a State, the block
+// combines the states and stores the item's partials, and the block that completes a
+// channel (NCHW) or a channel tile (channels_last) finalizes it, one warp per channel
+// (arrive_last). Only the accumulation and the finalize differ: the callables given.
+
+// NCHW: item = c * chunks + k covers vectors [k * chunk, (k + 1) * chunk) of channel c's
+// N * HW / VEC (sample-major); its partial goes to part[item]. accumulate(ch) returns the
+// calling thread's State of chunk ch (NchwChunk); finalize(pc, c, lane) combines channel
+// c's partials pc (finalize_stats_channel, finalize_grad_channel).
+template <typename State, typename index_t, typename Accumulate, typename Finalize>
+__device__ __forceinline__ void reduce_nchw_items(State* __restrict__ part, unsigned int* counters,
+                                                  index_t hwv, index_t per_channel, index_t chunk,
+                                                  uint32_t chunks, uint32_t items,
+                                                  Accumulate accumulate, Finalize finalize) {
+  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
+  unsigned int* flag = reinterpret_cast<unsigned int*>(resattn_smem);
+  State* smem = reinterpret_cast<State*>(resattn_smem + kFlagBytes);
+  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const NchwChunk<index_t> ch(item, chunks, chunk, per_channel, hwv);
+    State s = accumulate(ch);
+    block_reduce(s, smem);
+    if (threadIdx.x == 0) part[item] = s;
+    if (arrive_last(counters, static_cast<uint32_t>(ch.c), chunks, flag) && threadIdx.x < kWarp) {
+      finalize(part + static_cast<int64_t>(ch.c) * chunks, static_cast<int64_t>(ch.c),
+               static_cast<int>(threadIdx.x));
+    }
+  }
+}
+
+// channels_last: item = tile * chunks + k covers rows [k * chunk, (k + 1) * chunk) of
+// channel vectors [tile * blockDim.x, (tile + 1) * blockDim.x); channel c's partial of
+// chunk k goes to part[c * chunks + k]. accumulate(cv, begin, end, s) adds rows
+// [begin, end) of channel vector cv < cvs (threadIdx.y's share) to s[VEC], which start
+// at zero; finalize as reduce_nchw_items.
+template <typename State, int VEC, typename index_t, typename Accumulate, typename Finalize>
+__device__ __forceinline__ void reduce_cl_items(State* __restrict__ part, unsigned int* counters,
+                                                int64_t C, index_t cvs, index_t rows, index_t chunk,
+                                                uint32_t chunks, uint32_t items,
+                                                Accumulate accumulate, Finalize finalize) {
+  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
+  unsigned int* flag = reinterpret_cast<unsigned int*>(resattn_smem);
+  State* smem = reinterpret_cast<State*>(resattn_smem + kFlagBytes);
+  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const uint32_t k_chunk = item % chunks;
+    const index_t cv = static_cast<index_t>(item / chunks) * static_cast<index_t>(blockDim.x) +
+                       static_cast<index_t>(threadIdx.x);
+    const index_t begin = static_cast<index_t>(k_chunk) * chunk;
+    const index_t end = rows - begin < chunk ? rows : begin + chunk;
+    State s[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) s[k] = State::zero();
+    if (cv < cvs) accumulate(cv, begin, end, s);
+    block_reduce_columns<State, VEC>(s, smem);
+    if (threadIdx.y == 0 && cv < cvs) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) part[(static_cast<int64_t>(cv) * VEC + k) * chunks + k_chunk] = s[k];
+    }
+    const uint32_t tile = item / chunks;
+    if (arrive_last(counters, tile, chunks, flag)) {
+      for_tile_channels(tile, VEC, C, [&](int64_t c, int lane) { finalize(part + c * chunks, c, lane); });
+    }
+  }
+}
+
 // ------------------------------------------------------------- statistics (training)
 // NCHW partials: item = c * chunks + k covers vectors [k * chunk, (k + 1) * chunk) of
 // channel c's N * HW / VEC (sample-major), written to part[item].
@@ -406,76 +472,47 @@ __global__ void __launch_bounds__(kThreads) bn_stats_nchw_kernel(
     uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
-  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
-  unsigned int* flag = reinterpret_cast<unsigned int*>(resattn_smem);
-  Welford<acc_t>* smem = reinterpret_cast<Welford<acc_t>*>(resattn_smem + kFlagBytes);
-  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const NchwChunk<index_t> ch(item, chunks, chunk, per_channel, hwv);
-    // The chunk's first value is every thread's shift.
-    ShiftedSums<acc_t> sums = ShiftedSums<acc_t>::from_shift(
-        static_cast<acc_t>(x[ch.offset(0, C, hwv) * VEC]));
-    for (uint32_t j = threadIdx.x; j < ch.size; j += kThreads) {
-      const vec_t v = reinterpret_cast<const vec_t*>(x)[ch.offset(j, C, hwv)];
+  reduce_nchw_items<Welford<acc_t>>(
+      part, out.counters, hwv, per_channel, chunk, chunks, items,
+      [&](const NchwChunk<index_t>& ch) {
+        // The chunk's first value is every thread's shift.
+        ShiftedSums<acc_t> sums = ShiftedSums<acc_t>::from_shift(
+            static_cast<acc_t>(x[ch.offset(0, C, hwv) * VEC]));
+        for (uint32_t j = threadIdx.x; j < ch.size; j += kThreads) {
+          const vec_t v = reinterpret_cast<const vec_t*>(x)[ch.offset(j, C, hwv)];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) sums.add(static_cast<acc_t>(v.val[k]));
-    }
-    Welford<acc_t> s = sums.welford();
-    block_reduce(s, smem);
-    if (threadIdx.x == 0) part[item] = s;
-    if (arrive_last(out.counters, static_cast<uint32_t>(ch.c), chunks, flag) && threadIdx.x < kWarp) {
-      finalize_stats_channel(part + static_cast<int64_t>(ch.c) * chunks, chunks, ch.c, threadIdx.x, out);
-    }
-  }
+          for (int k = 0; k < VEC; ++k) sums.add(static_cast<acc_t>(v.val[k]));
+        }
+        return sums.welford();
+      },
+      [&](const Welford<acc_t>* pc, int64_t c, int lane) { finalize_stats_channel(pc, chunks, c, lane, out); });
 }
 
-// channels_last partials: item = tile * chunks + k covers rows [k * chunk, (k + 1) * chunk)
-// of channel vectors [tile * blockDim.x, (tile + 1) * blockDim.x); channel c's partial of
-// chunk k goes to part[c * chunks + k].
+// channels_last partials, items and layout as reduce_cl_items.
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_stats_cl_kernel(
     const scalar_t* __restrict__ x, Welford<at::opmath_type<scalar_t>>* __restrict__ part,
     ReduceOut<scalar_t> out, index_t cvs, index_t rows, index_t chunk, uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
-  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
-  unsigned int* flag = reinterpret_cast<unsigned int*>(resattn_smem);
-  Welford<acc_t>* smem = reinterpret_cast<Welford<acc_t>*>(resattn_smem + kFlagBytes);
-  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const uint32_t k_chunk = item % chunks;
-    const index_t cv = static_cast<index_t>(item / chunks) * static_cast<index_t>(blockDim.x) +
-                       static_cast<index_t>(threadIdx.x);
-    const index_t begin = static_cast<index_t>(k_chunk) * chunk;
-    const index_t end = rows - begin < chunk ? rows : begin + chunk;
-    Welford<acc_t> s[VEC];
+  reduce_cl_items<Welford<acc_t>, VEC>(
+      part, out.counters, out.C, cvs, rows, chunk, chunks, items,
+      [&](index_t cv, index_t begin, index_t end, Welford<acc_t>(&s)[VEC]) {
+        // The chunk's first row is the shift of every thread of this column.
+        const vec_t first = reinterpret_cast<const vec_t*>(x)[begin * cvs + cv];
+        ShiftedSums<acc_t> sums[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) s[k] = Welford<acc_t>::zero();
-    if (cv < cvs) {
-      // The chunk's first row is the shift of every thread of this column.
-      const vec_t first = reinterpret_cast<const vec_t*>(x)[begin * cvs + cv];
-      ShiftedSums<acc_t> sums[VEC];
+        for (int k = 0; k < VEC; ++k) sums[k] = ShiftedSums<acc_t>::from_shift(static_cast<acc_t>(first.val[k]));
+        for (int64_t rr = begin + static_cast<int64_t>(threadIdx.y); rr < end; rr += blockDim.y) {
+          const index_t r = static_cast<index_t>(rr);
+          const vec_t v = reinterpret_cast<const vec_t*>(x)[r * cvs + cv];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) sums[k] = ShiftedSums<acc_t>::from_shift(static_cast<acc_t>(first.val[k]));
-      for (int64_t rr = begin + static_cast<int64_t>(threadIdx.y); rr < end; rr += blockDim.y) {
-        const index_t r = static_cast<index_t>(rr);
-        const vec_t v = reinterpret_cast<const vec_t*>(x)[r * cvs + cv];
+          for (int k = 0; k < VEC; ++k) sums[k].add(static_cast<acc_t>(v.val[k]));
+        }
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) sums[k].add(static_cast<acc_t>(v.val[k]));
-      }
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) s[k] = sums[k].welford();
-    }
-    block_reduce_columns<Welford<acc_t>, VEC>(s, smem);
-    if (threadIdx.y == 0 && cv < cvs) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) part[(static_cast<int64_t>(cv) * VEC + k) * chunks + k_chunk] = s[k];
-    }
-    const uint32_t tile = item / chunks;
-    if (arrive_last(out.counters, tile, chunks, flag)) {
-      for_tile_channels(tile, VEC, out.C, [&](int64_t c, int lane) {
-        finalize_stats_channel(part + c * chunks, chunks, c, lane, out);
-      });
-    }
-  }
+        for (int k = 0; k < VEC; ++k) s[k] = sums[k].welford();
+      },
+      [&](const Welford<acc_t>* pc, int64_t c, int lane) { finalize_stats_channel(pc, chunks, c, lane, out); });
 }
 
 // The rows (kFwdRow: mean, scale, bias, invstd) of channels [first, C) with stride `step`, from
@@ -641,7 +678,7 @@ __device__ __forceinline__ void finalize_grad_channel(const GradSums<at::opmath_
   }
 }
 
-// NCHW sums of dy and dy * (x - mean), items as bn_stats_nchw_kernel, each channel's
+// NCHW sums of dy and dy * (x - mean), items as reduce_nchw_items, each channel's
 // finished by the block that completes it (finalize_grad_channel). The ReLU mask's
 // coefficients come from out.p (the saved statistics and the parameters), per item.
 template <typename scalar_t, typename index_t, int VEC>
@@ -651,35 +688,30 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_nchw_kernel(
     index_t hwv, index_t per_channel, index_t chunk, uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
-  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
-  unsigned int* flag = reinterpret_cast<unsigned int*>(resattn_smem);
-  GradSums<acc_t>* smem = reinterpret_cast<GradSums<acc_t>*>(resattn_smem + kFlagBytes);
-  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const NchwChunk<index_t> ch(item, chunks, chunk, per_channel, hwv);
-    const ChannelCoef<acc_t> q = channel_coef(out.p, ch.c);
-    const acc_t mean = q.mean, scale = q.scale, bias = q.bias;
-    GradSums<acc_t> s = GradSums<acc_t>::zero();
-    for (uint32_t j = threadIdx.x; j < ch.size; j += kThreads) {
-      const index_t off = ch.offset(j, C, hwv);
-      const vec_t gv = reinterpret_cast<const vec_t*>(grad)[off];
-      const vec_t xv = reinterpret_cast<const vec_t*>(x)[off];
+  reduce_nchw_items<GradSums<acc_t>>(
+      part, out.counters, hwv, per_channel, chunk, chunks, items,
+      [&](const NchwChunk<index_t>& ch) {
+        const ChannelCoef<acc_t> q = channel_coef(out.p, ch.c);
+        const acc_t mean = q.mean, scale = q.scale, bias = q.bias;
+        GradSums<acc_t> s = GradSums<acc_t>::zero();
+        for (uint32_t j = threadIdx.x; j < ch.size; j += kThreads) {
+          const index_t off = ch.offset(j, C, hwv);
+          const vec_t gv = reinterpret_cast<const vec_t*>(grad)[off];
+          const vec_t xv = reinterpret_cast<const vec_t*>(x)[off];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const acc_t xk = static_cast<acc_t>(xv.val[k]);
-        const acc_t dy = bn_relu_dy<acc_t>(static_cast<acc_t>(gv.val[k]), xk, mean, scale, bias);
-        s.dy += dy;
-        s.dy_xmu += dy * (xk - mean);
-      }
-    }
-    block_reduce(s, smem);
-    if (threadIdx.x == 0) part[item] = s;
-    if (arrive_last(out.counters, static_cast<uint32_t>(ch.c), chunks, flag) && threadIdx.x < kWarp) {
-      finalize_grad_channel(part + static_cast<int64_t>(ch.c) * chunks, chunks, ch.c, threadIdx.x, out);
-    }
-  }
+          for (int k = 0; k < VEC; ++k) {
+            const acc_t xk = static_cast<acc_t>(xv.val[k]);
+            const acc_t dy = bn_relu_dy<acc_t>(static_cast<acc_t>(gv.val[k]), xk, mean, scale, bias);
+            s.dy += dy;
+            s.dy_xmu += dy * (xk - mean);
+          }
+        }
+        return s;
+      },
+      [&](const GradSums<acc_t>* pc, int64_t c, int lane) { finalize_grad_channel(pc, chunks, c, lane, out); });
 }
 
-// channels_last sums; items, layout and finishing as bn_stats_cl_kernel.
+// channels_last sums; items, layout and finishing as reduce_cl_items.
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
@@ -687,48 +719,27 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
     index_t rows, index_t chunk, uint32_t chunks, uint32_t items) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
-  RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
-  unsigned int* flag = reinterpret_cast<unsigned int*>(resattn_smem);
-  GradSums<acc_t>* smem = reinterpret_cast<GradSums<acc_t>*>(resattn_smem + kFlagBytes);
-  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const uint32_t k_chunk = item % chunks;
-    const index_t cv = static_cast<index_t>(item / chunks) * static_cast<index_t>(blockDim.x) +
-                       static_cast<index_t>(threadIdx.x);
-    const index_t begin = static_cast<index_t>(k_chunk) * chunk;
-    const index_t end = rows - begin < chunk ? rows : begin + chunk;
-    GradSums<acc_t> s[VEC];
+  reduce_cl_items<GradSums<acc_t>, VEC>(
+      part, out.counters, out.C, cvs, rows, chunk, chunks, items,
+      [&](index_t cv, index_t begin, index_t end, GradSums<acc_t>(&s)[VEC]) {
+        ChannelCoef<acc_t> q[VEC];
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) s[k] = GradSums<acc_t>::zero();
-    if (cv < cvs) {
-      ChannelCoef<acc_t> q[VEC];
+        for (int k = 0; k < VEC; ++k) q[k] = channel_coef(out.p, static_cast<int64_t>(cv) * VEC + k);
+        for (int64_t rr = begin + static_cast<int64_t>(threadIdx.y); rr < end; rr += blockDim.y) {
+          const index_t r = static_cast<index_t>(rr);
+          const vec_t gv = reinterpret_cast<const vec_t*>(grad)[r * cvs + cv];
+          const vec_t xv = reinterpret_cast<const vec_t*>(x)[r * cvs + cv];
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) q[k] = channel_coef(out.p, static_cast<int64_t>(cv) * VEC + k);
-      for (int64_t rr = begin + static_cast<int64_t>(threadIdx.y); rr < end; rr += blockDim.y) {
-        const index_t r = static_cast<index_t>(rr);
-        const vec_t gv = reinterpret_cast<const vec_t*>(grad)[r * cvs + cv];
-        const vec_t xv = reinterpret_cast<const vec_t*>(x)[r * cvs + cv];
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) {
-          const acc_t xk = static_cast<acc_t>(xv.val[k]);
-          const acc_t dy =
-              bn_relu_dy<acc_t>(static_cast<acc_t>(gv.val[k]), xk, q[k].mean, q[k].scale, q[k].bias);
-          s[k].dy += dy;
-          s[k].dy_xmu += dy * (xk - q[k].mean);
+          for (int k = 0; k < VEC; ++k) {
+            const acc_t xk = static_cast<acc_t>(xv.val[k]);
+            const acc_t dy =
+                bn_relu_dy<acc_t>(static_cast<acc_t>(gv.val[k]), xk, q[k].mean, q[k].scale, q[k].bias);
+            s[k].dy += dy;
+            s[k].dy_xmu += dy * (xk - q[k].mean);
+          }
         }
-      }
-    }
-    block_reduce_columns<GradSums<acc_t>, VEC>(s, smem);
-    if (threadIdx.y == 0 && cv < cvs) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) part[(static_cast<int64_t>(cv) * VEC + k) * chunks + k_chunk] = s[k];
-    }
-    const uint32_t tile = item / chunks;
-    if (arrive_last(out.counters, tile, chunks, flag)) {
-      for_tile_channels(tile, VEC, out.C, [&](int64_t c, int lane) {
-        finalize_grad_channel(part + c * chunks, chunks, c, lane, out);
-      });
-    }
-  }
+      },
+      [&](const GradSums<acc_t>* pc, int64_t c, int lane) { finalize_grad_channel(pc, chunks, c, lane, out); });
 }
 
 // ---------------------------------------------------------------------- backward apply

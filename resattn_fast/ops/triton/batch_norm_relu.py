@@ -319,19 +319,6 @@ def _finalize_stats(pmean_ptr, pm2_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, 
     _store_rows(par_ptr, cs, cmask, C, mean, scale, bias, invstd)
 
 
-@triton.jit
-def _tile_channels(pid_c, C, CHANNELS_LAST: tl.constexpr):
-    """(channels, mask) of a reduction program's tile, as a _BLOCK_C vector: its block of
-    _BLOCK_C channels (channels_last) or its one channel (NCHW; the other lanes masked)."""
-    lane = tl.arange(0, _BLOCK_C)
-    if CHANNELS_LAST:
-        cs = pid_c * _BLOCK_C + lane
-        return cs, cs < C
-    else:
-        cs = pid_c + lane
-        return cs, (lane < 1) & (cs < C)
-
-
 # --------------------------------------------------------------------- forward kernels
 @triton.autotune(configs=_REDUCE_CONFIGS, key=["CHANNELS_LAST", "INT64"])
 # The run-time flags are never specialized (Triton would compile the value 1 as a
@@ -376,6 +363,8 @@ def _bn_stats_kernel(
         tl.store(pmean_ptr + out, mean_a, mask=cmask)
         tl.store(pm2_ptr + out, m2_a, mask=cmask)
     else:
+        cs = pid_c  # the tile: one channel
+        cmask = pid_c < C
         zero = tl.sum(acc(tl.zeros([BLOCK], dtype=tl.float32), IS_FP64), axis=0)
         n_a = zero
         mean_a = zero
@@ -404,7 +393,6 @@ def _bn_stats_kernel(
         tl.store(pm2_ptr + pid_s * C + pid_c, m2_a)
     if finalize != 0:
         if _arrive_last(cnt_ptr, pid_c, S):
-            cs, cmask = _tile_channels(pid_c, C, CHANNELS_LAST)
             _finalize_stats(pmean_ptr, pm2_ptr, rm_ptr, rv_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
                             par_ptr, nbt_ptr, cs, cmask, pid_c == 0, C, M, S, CHUNK, eps32, eps64,
                             momentum32, momentum64, update, has_nbt, has_w != 0, has_b != 0,
@@ -578,10 +566,9 @@ def _bn_relu_bwd_reduce_kernel(
         tl.store(pdyx_ptr + pid_s * C + pid_c, s_dyx)
     if finalize != 0:
         if _arrive_last(cnt_ptr, pid_c, S):
-            cs_t, cmask_t = _tile_channels(pid_c, C, CHANNELS_LAST)
-            _finalize_grads(pdy_ptr, pdyx_ptr, gw_ptr, gb_ptr, coef_ptr, cs_t, cmask_t, C, M, S,
+            _finalize_grads(pdy_ptr, pdyx_ptr, gw_ptr, gb_ptr, coef_ptr, r_cs, r_mask, C, M, S,
                             training != 0, IS_FP64)
-            # The apply pass's rows: this program's own (the same tile's channels).
+            # The apply pass's rows: this program's own (its tile's channels).
             _store_rows(par_ptr, r_cs, r_mask, C, r_mean, r_scale, r_bias, r_invstd)
             tl.store(cnt_ptr + pid_c, 0)
 
@@ -896,7 +883,8 @@ def _counters(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _finalize_in_kernel(x: torch.Tensor) -> bool:
-    """Whether the reductions finalize in their own launch (two launches per pass pair).
+    """Whether each reduction's stage 2 runs in the reduction's own launch (two launches
+    per pass pair).
     Not while torch.compile or a fake-tensor check traces the op: the counters are state
     kept across calls, which a traced graph cannot hold; the traced op then runs the
     finalize kernels of their own (same results)."""

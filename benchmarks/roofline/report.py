@@ -211,9 +211,17 @@ def _targets(preds: List[StepPrediction]) -> List[str]:
              ", ".join(f"{n} {v:.2f}x" for n, v in sp.items()))
     fast = [by["fast"] for by in pairs.values() if "fast" in by]
     if fast:
-        top = max(fast, key=lambda p: p.bn_relu_add_share)
-        line(top.bn_relu_add_share <= 0.5, "BN+ReLU+add (fused or not) <= 50% of the fast step",
-             f"{min(p.bn_relu_add_share for p in fast):.1%} to {top.bn_relu_add_share:.1%}")
+        # The baseline ("now 56%") is the mean over the fast networks of the
+        # shares in the "what to fuse next" table (batch norm 22.9% + ReLU 20.6% + add
+        # 12.6%), so the target is read on that mean; every network's share is listed
+        # beside it, and those above 50% are named.
+        shares = {p.trace.net: p.bn_relu_add_share for p in fast}
+        mean = sum(shares.values()) / len(shares)
+        above = [f"{n} {v:.1%}" for n, v in shares.items() if v > 0.5]
+        line(mean <= 0.5, "BN+ReLU+add (fused or not) <= 50% of the fast step, mean over the fast networks "
+             "(the issue's 56% was this mean)",
+             f"{mean:.1%}; per network {min(shares.values()):.1%} to {max(shares.values()):.1%}"
+             + (f" (above 50%: {', '.join(above)})" if above else ""))
     comp = {n: by["reference+compile"].step_ms / by["fast"].step_ms for n, by in pairs.items()
             if "fast" in by and "reference+compile" in by}
     if comp:

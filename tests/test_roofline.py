@@ -538,6 +538,11 @@ def test_the_suite_writes_predictions_shares_and_op_rows(tmp_path: str) -> None:
     assert "not a measurement" in report and "nvidia.com" in report
     assert "## Checkpointing modes (prediction)" in report and "ideal fusion" in report
     assert "## Launch-bound kernels of the fast step" in report
+    # the BN+ReLU+add target: the mean over the fast networks (here the one), judged on it
+    share = net[("fast", "bn_relu_add_share")]
+    target = [line for line in report.splitlines() if "BN+ReLU+add (fused or not)" in line]
+    assert len(target) == 1 and f"{share:.1%}; per network {share:.1%} to {share:.1%}" in target[0]
+    assert target[0].startswith("- met:" if share <= 0.5 else "- NOT met:")
     with open(os.path.join(out, "roofline_breakdown.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -86,6 +86,61 @@ struct BnUnits {
   int64_t group_rows(int64_t g) const { return std::min(R, (g + 1) * rows) - g * rows; }
 };
 
+// ---- the reductions' skeletons --------------------------------------------------------
+// The statistics and the backward sums walk the same units in the same orders; only what
+// they accumulate differs.
+
+// NCHW, in parallel: unit(u, c, off, n) for every unit u of channel c, its n values
+// starting at flat offset off.
+template <typename F>
+inline void for_each_nchw_unit(const BnUnits& units, const BatchNormShape& s, const F& unit) {
+  const int64_t grain = std::max<int64_t>(1, kBnGrain / units.seg_len);
+  at::parallel_for(0, units.count, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t plane = u / units.nseg;
+      int64_t lo, hi;
+      units.segment(u, s, &lo, &hi);
+      unit(u, plane % s.C, plane * s.HW + lo, hi - lo);
+    }
+  });
+}
+
+// NCHW, serial: f(u) for the units of channel c in (n, segment) order, the fixed order in
+// which their partials are combined. (N * C combinations cost microseconds, less than
+// another parallel region, each one a barrier for every thread.)
+template <typename F>
+inline void for_each_unit_of_channel(const BnUnits& units, const BatchNormShape& s, int64_t c, const F& f) {
+  for (int64_t n = 0; n < s.N; ++n) {
+    for (int64_t seg = 0; seg < units.nseg; ++seg) f((n * s.C + c) * units.nseg + seg);
+  }
+}
+
+// channels_last, in parallel: for each row group g, its accumulator rows a = pa + g * C
+// and b = pb + g * C are zeroed, then block(r0, r, a, b, kRows) runs for the rows
+// [r0 + first, r0 + group_rows) in blocks of kRows = kBnRowBlock rows (a
+// std::integral_constant; then single rows), r0 the group's first row: per block the
+// accumulators are loaded and stored once, each channel still adds its rows in row order.
+// Last finish(r0, nr, a, b) with the group's row count nr.
+template <typename acc_t, typename Block, typename Finish>
+inline void for_each_cl_group(const BnUnits& units, int64_t C, int64_t first, acc_t* pa, acc_t* pb,
+                              const Block& block, const Finish& finish) {
+  at::parallel_for(0, units.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      acc_t* a = pa + g * C;
+      acc_t* b = pb + g * C;
+      std::fill(a, a + C, acc_t(0));
+      std::fill(b, b + C, acc_t(0));
+      const int64_t r0 = g * units.rows, nr = units.group_rows(g);
+      int64_t r = r0 + first;
+      for (; r + kBnRowBlock <= r0 + nr; r += kBnRowBlock) {
+        block(r0, r, a, b, std::integral_constant<int64_t, kBnRowBlock>());
+      }
+      for (; r < r0 + nr; ++r) block(r0, r, a, b, std::integral_constant<int64_t, 1>());
+      finish(r0, nr, a, b);
+    }
+  });
+}
+
 // ---- statistics ----------------------------------------------------------------------
 
 // Mean and M2 of n contiguous values: shifted sums around p[0] (see the header comment).
@@ -148,28 +203,18 @@ void bn_stats_nchw(const BatchNormStatsArgs& a) {
   const BnUnits units(s);
   const auto* x = static_cast<const scalar_t*>(a.x);
   std::vector<acc_t> pmean(units.count), pm2(units.count);
-  const int64_t grain = std::max<int64_t>(1, kBnGrain / units.seg_len);
-  at::parallel_for(0, units.count, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      int64_t lo, hi;
-      units.segment(u, s, &lo, &hi);
-      run_mean_m2<scalar_t>(x + (u / units.nseg) * s.HW + lo, hi - lo, &pmean[u], &pm2[u]);
-    }
+  for_each_nchw_unit(units, s, [&](int64_t u, int64_t, int64_t off, int64_t n) {
+    run_mean_m2<scalar_t>(x + off, n, &pmean[u], &pm2[u]);
   });
   auto* mean = static_cast<acc_t*>(a.mean);
   auto* var = static_cast<acc_t*>(a.var);
-  // Per channel, the units in (n, segment) order. Serial: N * C combinations cost
-  // microseconds, less than another parallel region (each one a barrier for every thread).
   for (int64_t c = 0; c < s.C; ++c) {
     acc_t n_a = 0, mean_a = 0, m2_a = 0;
-    for (int64_t n = 0; n < s.N; ++n) {
-      for (int64_t seg = 0; seg < units.nseg; ++seg) {
-        const int64_t u = (n * s.C + c) * units.nseg + seg;
-        int64_t lo, hi;
-        units.segment(u, s, &lo, &hi);
-        resattn::welford_combine<acc_t>(n_a, mean_a, m2_a, static_cast<acc_t>(hi - lo), pmean[u], pm2[u]);
-      }
-    }
+    for_each_unit_of_channel(units, s, c, [&](int64_t u) {
+      int64_t lo, hi;
+      units.segment(u, s, &lo, &hi);
+      resattn::welford_combine<acc_t>(n_a, mean_a, m2_a, static_cast<acc_t>(hi - lo), pmean[u], pm2[u]);
+    });
     mean[c] = mean_a;
     var[c] = m2_a / n_a;
   }
@@ -196,21 +241,14 @@ void bn_stats_cl(const BatchNormStatsArgs& a) {
   const int64_t C = s.C;
   const BnUnits units(s);
   const auto* x = static_cast<const scalar_t*>(a.x);
-  // Per group: the mean and M2 of each channel over the group's rows.
+  // Per group: the mean and M2 of each channel over the group's rows, from shifted sums
+  // around the group's first row (see the header comment), which itself adds nothing.
   std::vector<acc_t> pmean(units.count * C), pm2(units.count * C);
-  at::parallel_for(0, units.count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t r0 = g * units.rows, nr = units.group_rows(g);
-      acc_t* gm = pmean.data() + g * C;
-      acc_t* g2 = pm2.data() + g * C;
-      std::fill(gm, gm + C, acc_t(0));
-      std::fill(g2, g2 + C, acc_t(0));
-      // Shifted sums around the group's first row (see the header comment).
-      const scalar_t* xk = x + r0 * C;
-      // kBnRowBlock rows per walk over the channels: the accumulators are loaded and
-      // stored once per block; each channel still adds its rows in row order.
-      auto rows = [&](int64_t r, auto block) {
+  for_each_cl_group(
+      units, C, 1, pmean.data(), pm2.data(),
+      [&](int64_t r0, int64_t r, acc_t* gm, acc_t* g2, auto block) {
         constexpr int64_t kRows = decltype(block)::value;
+        const scalar_t* xk = x + r0 * C;
         const scalar_t* xr = x + r * C;
         for_each_channel_chunk<kChunk>(C, [&](int64_t c, int64_t n) {
           Vec s0, s1, q0, q1, k0, k1;
@@ -240,18 +278,16 @@ void bn_stats_cl(const BatchNormStatsArgs& a) {
           AIO::store(gm + c, n, s0, s1);
           AIO::store(g2 + c, n, q0, q1);
         });
-      };
-      int64_t r = r0 + 1;
-      for (; r + kBnRowBlock <= r0 + nr; r += kBnRowBlock) rows(r, std::integral_constant<int64_t, kBnRowBlock>());
-      for (; r < r0 + nr; ++r) rows(r, std::integral_constant<int64_t, 1>());
-      const acc_t count = static_cast<acc_t>(nr);
-      for (int64_t c = 0; c < C; ++c) {
-        const acc_t sum = gm[c];
-        gm[c] = static_cast<acc_t>(xk[c]) + sum / count;
-        g2[c] = std::max(acc_t(0), g2[c] - sum * (sum / count));
-      }
-    }
-  });
+      },
+      [&](int64_t r0, int64_t nr, acc_t* gm, acc_t* g2) {
+        const scalar_t* xk = x + r0 * C;
+        const acc_t count = static_cast<acc_t>(nr);
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t sum = gm[c];
+          gm[c] = static_cast<acc_t>(xk[c]) + sum / count;
+          g2[c] = std::max(acc_t(0), g2[c] - sum * (sum / count));
+        }
+      });
   // Chan's combination over the groups in order, vectorised over channels (every group
   // but the last has the same count).
   auto* mean = static_cast<acc_t*>(a.mean);
@@ -431,27 +467,17 @@ void bn_backward_reduce_nchw(const BatchNormBackwardReduceArgs& a) {
   const auto* scale = static_cast<const acc_t*>(a.scale);
   const auto* bias = static_cast<const acc_t*>(a.bias);
   std::vector<acc_t> pd(units.count), pe(units.count);
-  const int64_t grain = std::max<int64_t>(1, kBnGrain / units.seg_len);
-  at::parallel_for(0, units.count, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t plane = u / units.nseg, c = plane % s.C;
-      int64_t lo, hi;
-      units.segment(u, s, &lo, &hi);
-      const int64_t off = plane * s.HW + lo;
-      run_dy_sums<scalar_t>(g + off, x + off, hi - lo, mean[c], scale[c], bias[c], &pd[u], &pe[u]);
-    }
+  for_each_nchw_unit(units, s, [&](int64_t u, int64_t c, int64_t off, int64_t n) {
+    run_dy_sums<scalar_t>(g + off, x + off, n, mean[c], scale[c], bias[c], &pd[u], &pe[u]);
   });
   auto* sum_dy = static_cast<acc_t*>(a.sum_dy);
   auto* sum_dy_xmu = static_cast<acc_t*>(a.sum_dy_xmu);
   for (int64_t c = 0; c < s.C; ++c) {
     acc_t sd = 0, se = 0;
-    for (int64_t n = 0; n < s.N; ++n) {
-      for (int64_t seg = 0; seg < units.nseg; ++seg) {
-        const int64_t u = (n * s.C + c) * units.nseg + seg;
-        sd += pd[u];
-        se += pe[u];
-      }
-    }
+    for_each_unit_of_channel(units, s, c, [&](int64_t u) {
+      sd += pd[u];
+      se += pe[u];
+    });
     sum_dy[c] = sd;
     sum_dy_xmu[c] = se;
   }
@@ -473,17 +499,11 @@ void bn_backward_reduce_cl(const BatchNormBackwardReduceArgs& a) {
   const auto* scale = static_cast<const acc_t*>(a.scale);
   const auto* bias = static_cast<const acc_t*>(a.bias);
   std::vector<acc_t> pd(units.count * C), pe(units.count * C);
-  at::parallel_for(0, units.count, 1, [&](int64_t begin, int64_t end) {
-    const Vec zero(0);
-    for (int64_t u = begin; u < end; ++u) {
-      acc_t* ud = pd.data() + u * C;
-      acc_t* ue = pe.data() + u * C;
-      std::fill(ud, ud + C, acc_t(0));
-      std::fill(ue, ue + C, acc_t(0));
-      const int64_t r0 = u * units.rows, r1 = r0 + units.group_rows(u);
-      // Blocks of kBnRowBlock rows, as in bn_stats_cl.
-      auto rows = [&](int64_t r, auto block) {
+  for_each_cl_group(
+      units, C, 0, pd.data(), pe.data(),
+      [&](int64_t, int64_t r, acc_t* ud, acc_t* ue, auto block) {
         constexpr int64_t kRows = decltype(block)::value;
+        const Vec zero(0);
         for_each_channel_chunk<kChunk>(C, [&](int64_t c, int64_t n) {
           Vec m0, m1, s0, s1, b0, b1, d0, d1, e0, e1;
           AIO::load(mean + c, n, m0, m1);
@@ -516,12 +536,8 @@ void bn_backward_reduce_cl(const BatchNormBackwardReduceArgs& a) {
           AIO::store(ud + c, n, d0, d1);
           AIO::store(ue + c, n, e0, e1);
         });
-      };
-      int64_t r = r0;
-      for (; r + kBnRowBlock <= r1; r += kBnRowBlock) rows(r, std::integral_constant<int64_t, kBnRowBlock>());
-      for (; r < r1; ++r) rows(r, std::integral_constant<int64_t, 1>());
-    }
-  });
+      },
+      [](int64_t, int64_t, acc_t*, acc_t*) {});
   auto* sum_dy = static_cast<acc_t*>(a.sum_dy);
   auto* sum_dy_xmu = static_cast<acc_t*>(a.sum_dy_xmu);
   for_each_channel_chunk<kChunk>(C, [&](int64_t c, int64_t n) {

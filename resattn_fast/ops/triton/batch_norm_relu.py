@@ -209,6 +209,27 @@ def _block_channels(base, C, HW, CHANNELS_LAST: tl.constexpr, INT64: tl.constexp
 
 
 @triton.jit
+def _apply_block(total, C, HW, CHANNELS_LAST: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """(offsets, mask, channels) of this program's BLOCK elements of an elementwise pass
+    over a dense tensor of ``total`` elements, in its memory order."""
+    pid = tl.program_id(0)
+    if INT64:
+        pid = pid.to(tl.int64)
+    base = pid * BLOCK
+    offs = base + tl.arange(0, BLOCK)
+    return offs, offs < total, _block_channels(base, C, HW, CHANNELS_LAST, INT64, BLOCK)
+
+
+@triton.jit
+def _load_rows(par_ptr, c, mask, C, IS_FP64: tl.constexpr):
+    """(mean, scale, bias) of channels c from the parameter rows par (_store_rows)."""
+    mean = acc(tl.load(par_ptr + c, mask=mask, other=0.0), IS_FP64)
+    scale = acc(tl.load(par_ptr + C + c, mask=mask, other=0.0), IS_FP64)
+    bias = acc(tl.load(par_ptr + 2 * C + c, mask=mask, other=0.0), IS_FP64)
+    return mean, scale, bias
+
+
+@triton.jit
 def _chunk(M, CHUNK, INT64: tl.constexpr):
     """(channel, or channel block, chunk index, the chunk's first element, one past its
     last) of a stage-1 program of the 2-D grid (channel [block], chunk)."""
@@ -236,6 +257,34 @@ def _advance(n, p, HW, STEP: tl.constexpr):
     p = p + STEP
     q = p // HW
     return n + q, p - q * HW
+
+
+@triton.jit
+def _cl_tile(start, m_end, cs, cmask, C, ROWS: tl.constexpr):
+    """(offsets, mask) of rows [start, start + ROWS), those below m_end, of channels cs
+    (cmask) of a channels_last tensor seen as an (M, C) matrix: one step of a
+    channels_last reduction loop."""
+    rows = start + tl.arange(0, ROWS)
+    return rows[:, None] * C + cs[None, :], (rows < m_end)[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _plane_stride(C, HW, INT64: tl.constexpr):
+    """C * H * W, the stride of n in an NCHW tensor (64-bit with INT64)."""
+    if INT64:
+        return tl.cast(C, tl.int64) * HW
+    else:
+        return C * HW
+
+
+@triton.jit
+def _nchw_tile(start, m_end, n, p, c, HW, chw, BLOCK: tl.constexpr):
+    """(offsets, mask) of channel c's elements [start, start + BLOCK), those below m_end,
+    in an NCHW tensor, element ``start`` being (n, p) (_split, _advance): one step of an
+    NCHW reduction loop."""
+    local = p + tl.arange(0, BLOCK)
+    dn = local // HW
+    return (n + dn) * chw + c * HW + (local - dn * HW), start + tl.arange(0, BLOCK) < m_end
 
 
 @triton.jit
@@ -348,10 +397,8 @@ def _bn_stats_kernel(
         m2_a = n_a
         start = m0
         while start < m_end:
-            rows = start + tl.arange(0, ROWS)
-            rmask = rows < m_end
-            mask = rmask[:, None] & cmask[None, :]
-            v = acc(tl.load(x_ptr + rows[:, None] * C + cs[None, :], mask=mask, other=0.0), IS_FP64)
+            off, mask = _cl_tile(start, m_end, cs, cmask, C, ROWS)
+            v = acc(tl.load(x_ptr + off, mask=mask, other=0.0), IS_FP64)
             cnt = tl.cast(tl.minimum(m_end - start, ROWS), v.dtype)
             n_b = tl.zeros_like(n_a) + cnt
             mean_b = _div(tl.sum(v, axis=0), n_b, IS_FP64)
@@ -369,19 +416,12 @@ def _bn_stats_kernel(
         n_a = zero
         mean_a = zero
         m2_a = zero
-        base = x_ptr + pid_c * HW
-        if INT64:
-            chw = tl.cast(C, tl.int64) * HW
-        else:
-            chw = C * HW
+        chw = _plane_stride(C, HW, INT64)
         n_cur, p_cur = _split(m0, HW, INT64)
         start = m0
         while start < m_end:
-            mask = start + tl.arange(0, BLOCK) < m_end
-            local = p_cur + tl.arange(0, BLOCK)
-            dn = local // HW
-            v = acc(tl.load(base + (n_cur + dn) * chw + (local - dn * HW), mask=mask, other=0.0),
-                    IS_FP64)
+            off, mask = _nchw_tile(start, m_end, n_cur, p_cur, pid_c, HW, chw, BLOCK)
+            v = acc(tl.load(x_ptr + off, mask=mask, other=0.0), IS_FP64)
             n_b = zero + tl.cast(tl.minimum(m_end - start, BLOCK), zero.dtype)
             mean_b = _div(tl.sum(v, axis=0), n_b, IS_FP64)
             d = tl.where(mask, v - mean_b, 0.0)
@@ -444,17 +484,9 @@ def _bn_relu_fwd_kernel(
 ):
     """out = relu((x - mean) * scale + bias) (bn_relu_forward), elementwise in x's memory
     order. ``y < 0 ? 0 : y`` lets NaN through, as torch.relu does."""
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    base = pid * BLOCK
-    offs = base + tl.arange(0, BLOCK)
-    mask = offs < total
-    c = _block_channels(base, C, HW, CHANNELS_LAST, INT64, BLOCK)
+    offs, mask, c = _apply_block(total, C, HW, CHANNELS_LAST, INT64, BLOCK)
     x = acc(tl.load(x_ptr + offs, mask=mask, other=0.0), IS_FP64)
-    mean = acc(tl.load(par_ptr + c, mask=mask, other=0.0), IS_FP64)
-    scale = acc(tl.load(par_ptr + C + c, mask=mask, other=0.0), IS_FP64)
-    bias = acc(tl.load(par_ptr + 2 * C + c, mask=mask, other=0.0), IS_FP64)
+    mean, scale, bias = _load_rows(par_ptr, c, mask, C, IS_FP64)
     y = (x - mean) * scale + bias
     y = tl.where(y < 0.0, 0.0, y)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
@@ -524,9 +556,7 @@ def _bn_relu_bwd_reduce_kernel(
         s_dyx = s_dy
         start = m0
         while start < m_end:
-            rows = start + tl.arange(0, ROWS)
-            mask = (rows < m_end)[:, None] & cmask[None, :]
-            off = rows[:, None] * C + cs[None, :]
+            off, mask = _cl_tile(start, m_end, cs, cmask, C, ROWS)
             g = acc(tl.load(g_ptr + off, mask=mask, other=0.0), IS_FP64)
             x = acc(tl.load(x_ptr + off, mask=mask, other=0.0), IS_FP64)
             dy, dyx = _bwd_terms(g, x, mean, scale, bias, invstd)
@@ -544,17 +574,11 @@ def _bn_relu_bwd_reduce_kernel(
         r_cs, r_mask, r_mean, r_scale, r_bias, r_invstd = pid_c, pid_c < C, mean, scale, bias, invstd
         s_dy = tl.sum(acc(tl.zeros([BLOCK], dtype=tl.float32), IS_FP64), axis=0)
         s_dyx = s_dy
-        if INT64:
-            chw = tl.cast(C, tl.int64) * HW
-        else:
-            chw = C * HW
+        chw = _plane_stride(C, HW, INT64)
         n_cur, p_cur = _split(m0, HW, INT64)
         start = m0
         while start < m_end:
-            mask = start + tl.arange(0, BLOCK) < m_end
-            local = p_cur + tl.arange(0, BLOCK)
-            dn = local // HW
-            off = (n_cur + dn) * chw + pid_c * HW + (local - dn * HW)
+            off, mask = _nchw_tile(start, m_end, n_cur, p_cur, pid_c, HW, chw, BLOCK)
             g = acc(tl.load(g_ptr + off, mask=mask, other=0.0), IS_FP64)
             x = acc(tl.load(x_ptr + off, mask=mask, other=0.0), IS_FP64)
             dy, dyx = _bwd_terms(g, x, mean, scale, bias, invstd)
@@ -597,18 +621,10 @@ def _bn_relu_bwd_kernel(
 ):
     """grad_x = scale * (dy - k_mean - x_hat * k_xhat) in training (bn_relu_grad_x_train),
     scale * dy in eval, + grad_residual (HAS_RES), elementwise in x's memory order."""
-    pid = tl.program_id(0)
-    if INT64:
-        pid = pid.to(tl.int64)
-    base = pid * BLOCK
-    offs = base + tl.arange(0, BLOCK)
-    mask = offs < total
-    c = _block_channels(base, C, HW, CHANNELS_LAST, INT64, BLOCK)
+    offs, mask, c = _apply_block(total, C, HW, CHANNELS_LAST, INT64, BLOCK)
     g = acc(tl.load(g_ptr + offs, mask=mask, other=0.0), IS_FP64)
     x = acc(tl.load(x_ptr + offs, mask=mask, other=0.0), IS_FP64)
-    mean = acc(tl.load(par_ptr + c, mask=mask, other=0.0), IS_FP64)
-    scale = acc(tl.load(par_ptr + C + c, mask=mask, other=0.0), IS_FP64)
-    bias = acc(tl.load(par_ptr + 2 * C + c, mask=mask, other=0.0), IS_FP64)
+    mean, scale, bias = _load_rows(par_ptr, c, mask, C, IS_FP64)
     xc = x - mean
     dy = tl.where(xc * scale + bias > 0.0, g, 0.0)
     if TRAINING:

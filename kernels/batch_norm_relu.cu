@@ -397,6 +397,15 @@ __device__ __forceinline__ void for_tile_channels(uint32_t tile, int vec, int64_
 }
 
 // ------------------------------------------------------------- the reductions' skeleton
+// A reduction's cut (ReducePlan) as its kernels take it, in their index type. NCHW reads
+// C, hwv (HW / VEC) and extent (N * HW / VEC vectors per channel); channels_last reads cvs
+// (C / VEC channel vectors) and extent (N * HW rows).
+template <typename index_t>
+struct ReduceShape {
+  index_t C, hwv, cvs, extent, chunk;
+  uint32_t chunks, items;
+};
+
 // Both reductions (the statistics; the backward's sums) walk the same items and finish
 // the same way: each thread accumulates its share of an item into a State, the block
 // combines the states and stores the item's partials, and the block that completes a
@@ -409,14 +418,14 @@ __device__ __forceinline__ void for_tile_channels(uint32_t tile, int vec, int64_
 // c's partials pc (finalize_stats_channel, finalize_grad_channel).
 template <typename State, typename index_t, typename Accumulate, typename Finalize>
 __device__ __forceinline__ void reduce_nchw_items(State* __restrict__ part, unsigned int* counters,
-                                                  index_t hwv, index_t per_channel, index_t chunk,
-                                                  uint32_t chunks, uint32_t items,
+                                                  const ReduceShape<index_t>& sh,
                                                   Accumulate accumulate, Finalize finalize) {
+  const uint32_t chunks = sh.chunks;
   RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
   unsigned int* flag = reinterpret_cast<unsigned int*>(resattn_smem);
   State* smem = reinterpret_cast<State*>(resattn_smem + kFlagBytes);
-  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
-    const NchwChunk<index_t> ch(item, chunks, chunk, per_channel, hwv);
+  for (uint32_t item = blockIdx.x; item < sh.items; item += gridDim.x) {
+    const NchwChunk<index_t> ch(item, chunks, sh.chunk, sh.extent, sh.hwv);
     State s = accumulate(ch);
     block_reduce(s, smem);
     if (threadIdx.x == 0) part[item] = s;
@@ -434,13 +443,14 @@ __device__ __forceinline__ void reduce_nchw_items(State* __restrict__ part, unsi
 // at zero; finalize as reduce_nchw_items.
 template <typename State, int VEC, typename index_t, typename Accumulate, typename Finalize>
 __device__ __forceinline__ void reduce_cl_items(State* __restrict__ part, unsigned int* counters,
-                                                int64_t C, index_t cvs, index_t rows, index_t chunk,
-                                                uint32_t chunks, uint32_t items,
+                                                int64_t C, const ReduceShape<index_t>& sh,
                                                 Accumulate accumulate, Finalize finalize) {
+  const uint32_t chunks = sh.chunks;
+  const index_t chunk = sh.chunk, rows = sh.extent;
   RESATTN_DYNAMIC_SHARED(unsigned char, resattn_smem);
   unsigned int* flag = reinterpret_cast<unsigned int*>(resattn_smem);
   State* smem = reinterpret_cast<State*>(resattn_smem + kFlagBytes);
-  for (uint32_t item = blockIdx.x; item < items; item += gridDim.x) {
+  for (uint32_t item = blockIdx.x; item < sh.items; item += gridDim.x) {
     const uint32_t k_chunk = item % chunks;
     const index_t cv = static_cast<index_t>(item / chunks) * static_cast<index_t>(blockDim.x) +
                        static_cast<index_t>(threadIdx.x);
@@ -449,9 +459,9 @@ __device__ __forceinline__ void reduce_cl_items(State* __restrict__ part, unsign
     State s[VEC];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) s[k] = State::zero();
-    if (cv < cvs) accumulate(cv, begin, end, s);
+    if (cv < sh.cvs) accumulate(cv, begin, end, s);
     block_reduce_columns<State, VEC>(s, smem);
-    if (threadIdx.y == 0 && cv < cvs) {
+    if (threadIdx.y == 0 && cv < sh.cvs) {
 #pragma unroll
       for (int k = 0; k < VEC; ++k) part[(static_cast<int64_t>(cv) * VEC + k) * chunks + k_chunk] = s[k];
     }
@@ -468,12 +478,12 @@ __device__ __forceinline__ void reduce_cl_items(State* __restrict__ part, unsign
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_stats_nchw_kernel(
     const scalar_t* __restrict__ x, Welford<at::opmath_type<scalar_t>>* __restrict__ part,
-    ReduceOut<scalar_t> out, index_t C, index_t hwv, index_t per_channel, index_t chunk,
-    uint32_t chunks, uint32_t items) {
+    ReduceOut<scalar_t> out, ReduceShape<index_t> sh) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
+  const index_t C = sh.C, hwv = sh.hwv;
   reduce_nchw_items<Welford<acc_t>>(
-      part, out.counters, hwv, per_channel, chunk, chunks, items,
+      part, out.counters, sh,
       [&](const NchwChunk<index_t>& ch) {
         // The chunk's first value is every thread's shift.
         ShiftedSums<acc_t> sums = ShiftedSums<acc_t>::from_shift(
@@ -485,18 +495,21 @@ __global__ void __launch_bounds__(kThreads) bn_stats_nchw_kernel(
         }
         return sums.welford();
       },
-      [&](const Welford<acc_t>* pc, int64_t c, int lane) { finalize_stats_channel(pc, chunks, c, lane, out); });
+      [&](const Welford<acc_t>* pc, int64_t c, int lane) {
+        finalize_stats_channel(pc, sh.chunks, c, lane, out);
+      });
 }
 
 // channels_last partials, items and layout as reduce_cl_items.
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_stats_cl_kernel(
     const scalar_t* __restrict__ x, Welford<at::opmath_type<scalar_t>>* __restrict__ part,
-    ReduceOut<scalar_t> out, index_t cvs, index_t rows, index_t chunk, uint32_t chunks, uint32_t items) {
+    ReduceOut<scalar_t> out, ReduceShape<index_t> sh) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
+  const index_t cvs = sh.cvs;
   reduce_cl_items<Welford<acc_t>, VEC>(
-      part, out.counters, out.C, cvs, rows, chunk, chunks, items,
+      part, out.counters, out.C, sh,
       [&](index_t cv, index_t begin, index_t end, Welford<acc_t>(&s)[VEC]) {
         // The chunk's first row is the shift of every thread of this column.
         const vec_t first = reinterpret_cast<const vec_t*>(x)[begin * cvs + cv];
@@ -512,7 +525,9 @@ __global__ void __launch_bounds__(kThreads) bn_stats_cl_kernel(
 #pragma unroll
         for (int k = 0; k < VEC; ++k) s[k] = sums[k].welford();
       },
-      [&](const Welford<acc_t>* pc, int64_t c, int lane) { finalize_stats_channel(pc, chunks, c, lane, out); });
+      [&](const Welford<acc_t>* pc, int64_t c, int lane) {
+        finalize_stats_channel(pc, sh.chunks, c, lane, out);
+      });
 }
 
 // The rows (kFwdRow: mean, scale, bias, invstd) of channels [first, C) with stride `step`, from
@@ -684,12 +699,13 @@ __device__ __forceinline__ void finalize_grad_channel(const GradSums<at::opmath_
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_nchw_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-    GradSums<at::opmath_type<scalar_t>>* __restrict__ part, ReduceOut<scalar_t> out, index_t C,
-    index_t hwv, index_t per_channel, index_t chunk, uint32_t chunks, uint32_t items) {
+    GradSums<at::opmath_type<scalar_t>>* __restrict__ part, ReduceOut<scalar_t> out,
+    ReduceShape<index_t> sh) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
+  const index_t C = sh.C, hwv = sh.hwv;
   reduce_nchw_items<GradSums<acc_t>>(
-      part, out.counters, hwv, per_channel, chunk, chunks, items,
+      part, out.counters, sh,
       [&](const NchwChunk<index_t>& ch) {
         const ChannelCoef<acc_t> q = channel_coef(out.p, ch.c);
         const acc_t mean = q.mean, scale = q.scale, bias = q.bias;
@@ -708,19 +724,22 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_nchw_kernel(
         }
         return s;
       },
-      [&](const GradSums<acc_t>* pc, int64_t c, int lane) { finalize_grad_channel(pc, chunks, c, lane, out); });
+      [&](const GradSums<acc_t>* pc, int64_t c, int lane) {
+        finalize_grad_channel(pc, sh.chunks, c, lane, out);
+      });
 }
 
 // channels_last sums; items, layout and finishing as reduce_cl_items.
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-    GradSums<at::opmath_type<scalar_t>>* __restrict__ part, ReduceOut<scalar_t> out, index_t cvs,
-    index_t rows, index_t chunk, uint32_t chunks, uint32_t items) {
+    GradSums<at::opmath_type<scalar_t>>* __restrict__ part, ReduceOut<scalar_t> out,
+    ReduceShape<index_t> sh) {
   using acc_t = at::opmath_type<scalar_t>;
   using vec_t = AlignedVec<scalar_t, VEC>;
+  const index_t cvs = sh.cvs;
   reduce_cl_items<GradSums<acc_t>, VEC>(
-      part, out.counters, out.C, cvs, rows, chunk, chunks, items,
+      part, out.counters, out.C, sh,
       [&](index_t cv, index_t begin, index_t end, GradSums<acc_t>(&s)[VEC]) {
         ChannelCoef<acc_t> q[VEC];
 #pragma unroll
@@ -739,7 +758,9 @@ __global__ void __launch_bounds__(kThreads) bn_relu_grad_sums_cl_kernel(
           }
         }
       },
-      [&](const GradSums<acc_t>* pc, int64_t c, int lane) { finalize_grad_channel(pc, chunks, c, lane, out); });
+      [&](const GradSums<acc_t>* pc, int64_t c, int lane) {
+        finalize_grad_channel(pc, sh.chunks, c, lane, out);
+      });
 }
 
 // ---------------------------------------------------------------------- backward apply
@@ -943,6 +964,39 @@ unsigned int* reduction_counters(const at::Tensor& x, int64_t n, Stream stream) 
   return reinterpret_cast<unsigned int*>(counters.data_ptr<int32_t>());
 }
 
+// One reduction's launch, as both the statistics (State = Welford) and the backward sums
+// (State = GradSums) make it: the plan for x's shape and layout, its partials and tile
+// counters, the kernels' ReduceShape and the launch shape (grid, block, dynamic shared
+// memory: arrive_last's flag, then one State per warp and column).
+template <typename State, typename index_t>
+struct ReduceLaunch {
+  ReduceShape<index_t> shape;
+  at::Tensor workspace;  // the partials (partials_workspace)
+  unsigned int* counters;
+  unsigned int blocks;
+  dim3 block;
+  size_t smem;
+  State* partials() const { return reinterpret_cast<State*>(workspace.data_ptr()); }
+};
+
+template <typename scalar_t, typename State, typename index_t, int VEC>
+ReduceLaunch<State, index_t> prepare_reduction(bool cl, const at::Tensor& x, Stream stream) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  const int64_t cvs = C / VEC, extent = cl ? N * HW : N * HW / VEC;
+  const ReducePlan plan = plan_reduction(cl, C, extent, cvs);
+  check_plan(plan, cl ? 0 : HW / VEC);
+  ReduceLaunch<State, index_t> r;
+  r.shape = {static_cast<index_t>(C), static_cast<index_t>(HW / VEC), static_cast<index_t>(cvs),
+             static_cast<index_t>(extent), static_cast<index_t>(plan.chunk),
+             static_cast<uint32_t>(plan.chunks), static_cast<uint32_t>(plan.items)};
+  r.workspace = partials_workspace<scalar_t, State>(x, plan, C);
+  r.counters = reduction_counters(x, plan.tiles, stream);
+  r.blocks = num_blocks(plan.items * kThreads);
+  r.block = dim3(plan.tx, plan.ty);
+  r.smem = kFlagBytes + sizeof(State) * kWarpsPerBlock * (cl ? plan.tx * VEC : 1);
+  return r;
+}
+
 // Runs `body` with constexpr bool `kTrain`.
 #define RESATTN_DISPATCH_TRAIN(training, ...) \
   [&] {                                       \
@@ -1020,31 +1074,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     const bool vec = vectorisable<scalar_t>(cl, C, HW, {xp, op});
     RESATTN_DISPATCH_VEC(vec, [&] {
       RESATTN_DISPATCH_INDEX(use32, [&] {
-        const int64_t cvs = C / VEC;
         at::Tensor rows;
         size_t rows_smem = 0;
         if (training) {
-          const ReducePlan plan = plan_reduction(cl, C, cl ? N * HW : N * HW / VEC, cvs);
-          check_plan(plan, cl ? 0 : HW / VEC);
-          const auto chunks = static_cast<uint32_t>(plan.chunks);
-          const auto items = static_cast<uint32_t>(plan.items);
-          at::Tensor ws = partials_workspace<scalar_t, Welford<acc_t>>(x, plan, C);
-          auto* part = reinterpret_cast<Welford<acc_t>*>(ws.data_ptr<acc_t>());
+          const auto r = prepare_reduction<scalar_t, Welford<acc_t>, index_t, VEC>(cl, x, stream);
           rows = at::empty({C * kFwdRow}, x.options().dtype(acc_dtype(x)));
-          const ReduceOut<scalar_t> fin{p, mp, vp, rows.data_ptr<acc_t>(), acc_t(0),
-                                        reduction_counters(x, plan.tiles, stream), C};
+          const ReduceOut<scalar_t> fin{p, mp, vp, rows.data_ptr<acc_t>(), acc_t(0), r.counters, C};
           if (cl) {
-            const size_t smem = kFlagBytes + sizeof(Welford<acc_t>) * kWarpsPerBlock * plan.tx * VEC;
-            RESATTN_LAUNCH(num_blocks(plan.items * kThreads), dim3(plan.tx, plan.ty), smem, stream,
-                           bn_stats_cl_kernel<scalar_t, index_t, VEC>)(
-                xp, part, fin, static_cast<index_t>(cvs), static_cast<index_t>(N * HW),
-                static_cast<index_t>(plan.chunk), chunks, items);
+            RESATTN_LAUNCH(r.blocks, r.block, r.smem, stream, bn_stats_cl_kernel<scalar_t, index_t, VEC>)(
+                xp, r.partials(), fin, r.shape);
           } else {
-            const size_t smem = kFlagBytes + sizeof(Welford<acc_t>) * kWarpsPerBlock;
-            RESATTN_LAUNCH(num_blocks(plan.items * kThreads), kThreads, smem, stream,
-                           bn_stats_nchw_kernel<scalar_t, index_t, VEC>)(
-                xp, part, fin, static_cast<index_t>(C), static_cast<index_t>(HW / VEC),
-                static_cast<index_t>(N * HW / VEC), static_cast<index_t>(plan.chunk), chunks, items);
+            RESATTN_LAUNCH(r.blocks, r.block, r.smem, stream, bn_stats_nchw_kernel<scalar_t, index_t, VEC>)(
+                xp, r.partials(), fin, r.shape);
           }
           RESATTN_KERNEL_LAUNCH_CHECK();
         } else {
@@ -1052,7 +1093,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
         }
         const int64_t nvec = x.numel() / VEC;
         const unsigned int blocks = num_blocks(nvec);
-        const int64_t inner = cl ? cvs : HW / VEC;
+        const int64_t inner = cl ? C / VEC : HW / VEC;
         RunningUpdate run{nullptr, nullptr, false, 0.0, N * HW, nullptr, nullptr, nullptr};
         if (update != nullptr) {
           run = {update->mean.data_ptr(), update->var.data_ptr(), update->mean.scalar_type() == at::kFloat,
@@ -1159,40 +1200,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_cuda(
     const acc_t inv_count = acc_t(1) / static_cast<acc_t>(N * HW);
     RESATTN_DISPATCH_VEC(vec, [&] {
       RESATTN_DISPATCH_INDEX(use32, [&] {
-        const int64_t cvs = C / VEC;
         at::Tensor rows;
         size_t rows_smem = 0;
         if (reduce) {
-          const ReducePlan plan = plan_reduction(cl, C, cl ? N * HW : N * HW / VEC, cvs);
-          check_plan(plan, cl ? 0 : HW / VEC);
-          const auto chunks = static_cast<uint32_t>(plan.chunks);
-          const auto items = static_cast<uint32_t>(plan.items);
-          at::Tensor ws = partials_workspace<scalar_t, GradSums<acc_t>>(x, plan, C);
-          auto* part = reinterpret_cast<GradSums<acc_t>*>(ws.data_ptr<acc_t>());
+          const auto r = prepare_reduction<scalar_t, GradSums<acc_t>, index_t, VEC>(cl, x, stream);
           // Training: the apply pass's rows come from the sums; eval: from p (below).
           if (training) rows = at::empty({C * kBwdRow}, x.options().dtype(acc));
           const ReduceOut<scalar_t> fin{p, gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(),
                                         training ? rows.data_ptr<acc_t>() : nullptr, inv_count,
-                                        reduction_counters(x, plan.tiles, stream), C};
+                                        r.counters, C};
           if (cl) {
-            const size_t smem = kFlagBytes + sizeof(GradSums<acc_t>) * kWarpsPerBlock * plan.tx * VEC;
-            RESATTN_LAUNCH(num_blocks(plan.items * kThreads), dim3(plan.tx, plan.ty), smem, stream,
+            RESATTN_LAUNCH(r.blocks, r.block, r.smem, stream,
                            bn_relu_grad_sums_cl_kernel<scalar_t, index_t, VEC>)(
-                gp, xp, part, fin, static_cast<index_t>(cvs), static_cast<index_t>(N * HW),
-                static_cast<index_t>(plan.chunk), chunks, items);
+                gp, xp, r.partials(), fin, r.shape);
           } else {
-            const size_t smem = kFlagBytes + sizeof(GradSums<acc_t>) * kWarpsPerBlock;
-            RESATTN_LAUNCH(num_blocks(plan.items * kThreads), kThreads, smem, stream,
+            RESATTN_LAUNCH(r.blocks, r.block, r.smem, stream,
                            bn_relu_grad_sums_nchw_kernel<scalar_t, index_t, VEC>)(
-                gp, xp, part, fin, static_cast<index_t>(C), static_cast<index_t>(HW / VEC),
-                static_cast<index_t>(N * HW / VEC), static_cast<index_t>(plan.chunk), chunks, items);
+                gp, xp, r.partials(), fin, r.shape);
           }
           RESATTN_KERNEL_LAUNCH_CHECK();
         }
         if (!training) rows_smem = eval_rows<scalar_t>(p, x, C, rows, stream);
         const int64_t nvec = x.numel() / VEC;
         const unsigned int blocks = num_blocks(nvec);
-        const int64_t inner = cl ? cvs : HW / VEC;
+        const int64_t inner = cl ? C / VEC : HW / VEC;
         RESATTN_DISPATCH_CL(cl, [&] {
           RESATTN_DISPATCH_TRAIN(training, [&] {
             RESATTN_LAUNCH(blocks, kThreads, rows_smem, stream,

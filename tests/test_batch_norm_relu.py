@@ -350,6 +350,9 @@ def test_opcheck(backend):
         torch.library.opcheck(with_update, (xx, None, None, rm.clone(), rv.clone(), 0.1, EPS, torch.tensor(4)))
 
 
+# Tracing through a functools cache in the op's path makes Dynamo warn (a user's warning):
+# the ops' dispatch must trace without one.
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools:UserWarning")
 @pytest.mark.parametrize("backend", CPU_FUSED)
 def test_torch_compile_fullgraph(backend):
     require_backend(backend)

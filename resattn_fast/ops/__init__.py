@@ -10,7 +10,6 @@ Triton) with fake kernels and autograd, so ``torch.compile(fullgraph=True)`` tra
 
 from __future__ import annotations
 
-import functools
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -38,9 +37,10 @@ if _ext.EMULATED is not None:
 _FLOATING = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-@functools.cache
 def _triton_ops() -> object:
-    from . import triton as triton_ops  # imports Triton: only when the backend is used
+    # Imports Triton only when the backend is used. No functools.cache: torch.compile warns
+    # when it traces through one, and a module already imported is a sys.modules lookup.
+    from . import triton as triton_ops
 
     return triton_ops
 
